@@ -36,7 +36,7 @@ def parallax_reference(q, r, k, v, *, cu_seqlens=None, window=None, scale=None):
     Computes in float32 (float64 when given float64) and returns that dtype. Causal and
     end-aligned: with Tq queries and Tk >= Tq keys, query i sees keys j <= Tk - Tq + i.
     """
-    _check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=True, allow_fp32=True)
+    _check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=True, dtypes=ALL_DTYPES, head_dims=None)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, r, k, v = (x.to(dtype) for x in (q, r, k, v))
     B, Tq, Hq, D = q.shape
@@ -72,17 +72,22 @@ def _visible_keys(Tq, Tk, window, cu_seqlens, device):
 # Validation (before any kernel launches)
 
 
-def _check_shapes(q, r, k, v, cu_seqlens, window, scale, *, allow_cpu, allow_fp32):
-    """Raise ValueError naming the offending argument; returns nothing."""
-    for name, x in (("q", q), ("r", r), ("k", k), ("v", v)):
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ALL_DTYPES = HALF_DTYPES + (torch.float32, torch.float64)
+
+
+def _check_shapes(q, r, k, v, cu_seqlens, window, scale, *, allow_cpu, dtypes, head_dims, names=("k", "v")):
+    """Raise ValueError naming the offending argument (k and v are called `names` in messages).
+    dtypes: the supported dtypes; head_dims: the supported head dims (None: any)."""
+    k_name, v_name = names
+    for name, x in (("q", q), ("r", r), (k_name, k), (v_name, v)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have 4 dims (B, T, H, D), got shape {tuple(x.shape)}")
-    allowed = (torch.bfloat16, torch.float16) + ((torch.float32, torch.float64) if allow_fp32 else ())
-    if q.dtype not in allowed:
-        raise ValueError(f"q has dtype {q.dtype}; supported: {', '.join(map(str, allowed))}")
-    for name, x in (("r", r), ("k", k), ("v", v)):
+    if q.dtype not in dtypes:
+        raise ValueError(f"q has dtype {q.dtype}; supported: {', '.join(map(str, dtypes))}")
+    for name, x in (("r", r), (k_name, k), (v_name, v)):
         if x.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all four must match")
         if x.device != q.device:
@@ -90,21 +95,21 @@ def _check_shapes(q, r, k, v, cu_seqlens, window, scale, *, allow_cpu, allow_fp3
     if r.shape != q.shape:
         raise ValueError(f"r must have q's shape {tuple(q.shape)}, got {tuple(r.shape)}")
     if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
     B, Tq, Hq, D = q.shape
     Bk, Tk, Hkv, Dk = k.shape
     if Bk != B or Dk != D:
-        raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)} "
+        raise ValueError(f"{k_name} has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)} "
                          "(batch and head dim must match)")
     if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q has {Hq} heads, not a multiple of k's {Hkv} heads")
+        raise ValueError(f"q has {Hq} heads, not a multiple of {k_name}'s {Hkv} heads")
     if Tq > Tk:
-        raise ValueError(f"q has {Tq} positions but k has only {Tk}; need Tq <= Tk")
+        raise ValueError(f"q has {Tq} positions but {k_name} has only {Tk}; need Tq <= Tk")
     if Tq == 0:
         raise ValueError("q has zero positions")
-    if not allow_fp32 and D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if window is not None and (not isinstance(window, int) or window < 1):
+    if head_dims is not None and D not in head_dims:
+        raise ValueError(f"head dim {D} is not supported; supported: {head_dims}")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be a positive int (visible keys incl. the diagonal), got {window!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
@@ -432,14 +437,14 @@ def _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
 
 @torch.library.custom_op("parallax::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                doc_start: torch.Tensor | None, window: int, scale: float
+                doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))  # the kernels share q's strides for r, g, o
     return _forward(q, r, k, v, doc_start, window, scale)
 
 
 @_forward_op.register_fake
-def _(q, r, k, v, doc_start, window, scale):
+def _(q, r, k, v, doc_start, doc_end, window, scale):
     stats = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
@@ -459,36 +464,27 @@ def _(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, r, k, v, doc_start, window, scale = inputs
+    q, r, k, v, doc_start, doc_end, window, scale = inputs
     o, lse, t = output
     ctx.mark_non_differentiable(lse, t)
-    ctx.save_for_backward(q, r, k, v, o, lse, t, doc_start)
+    ctx.save_for_backward(q, r, k, v, o, lse, t, doc_start, doc_end)
     ctx.window, ctx.scale = window, scale
 
 
 def _backward_rule(ctx, grad_o, grad_lse, grad_t):
-    q, r, k, v, o, lse, t, doc_start = ctx.saved_tensors
-    doc_end = None if doc_start is None else _document_ends(doc_start, k.shape[1])
+    q, r, k, v, o, lse, t, doc_start, doc_end = ctx.saved_tensors
     dq, dr, dk, dv = _backward_op(grad_o, q, r, k, v, o, lse, t, doc_start, doc_end, ctx.window, ctx.scale)
-    return dq, dr, dk, dv, None, None, None
+    return dq, dr, dk, dv, None, None, None, None
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def _document_starts(cu_seqlens, T):
-    """Per position, the offset where its document starts (int32, length T)."""
+def _document_bounds(cu_seqlens, T):
+    """Per position, the offsets where its document starts and ends (int32, length T each)."""
     pos = torch.arange(T, device=cu_seqlens.device, dtype=torch.int32)
-    return cu_seqlens[torch.searchsorted(cu_seqlens, pos, right=True) - 1]
-
-
-def _document_ends(doc_start, T):
-    """Per position, the offset where its document ends, from the starts: the next start after it."""
-    pos = torch.arange(T, device=doc_start.device, dtype=torch.int32)
-    is_start = torch.cat([doc_start.new_ones(1, dtype=torch.bool), doc_start[1:] != doc_start[:-1]])
-    starts = pos[is_start]
-    ends = torch.cat([starts[1:], starts.new_full((1,), T)])
-    return ends[torch.cumsum(is_start.int(), 0) - 1].to(torch.int32)
+    doc = torch.searchsorted(cu_seqlens, pos, right=True) - 1
+    return cu_seqlens[doc], cu_seqlens[doc + 1]
 
 
 def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, scale=None):
@@ -503,12 +499,13 @@ def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, 
     FlashAttention-style call sites and only checked: the kernels derive ranges from cu_seqlens.
     Returns q's dtype and shape. Saved for backward beyond the inputs and output: O(B * Hq * Tq).
     """
-    _check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=False, allow_fp32=False)
+    _check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=False, dtypes=HALF_DTYPES,
+                  head_dims=SUPPORTED_HEAD_DIMS)
     if max_seqlen is not None and not (isinstance(max_seqlen, int) and max_seqlen >= 1):
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    doc_start = None if cu_seqlens is None else _document_starts(cu_seqlens, q.shape[1])
-    o, _, _ = _forward_op(q, r, k, v, doc_start, window or 0, scale)
+    doc_start, doc_end = (None, None) if cu_seqlens is None else _document_bounds(cu_seqlens, q.shape[1])
+    o, _, _ = _forward_op(q, r, k, v, doc_start, doc_end, window or 0, scale)
     return o
 
 

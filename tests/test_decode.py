@@ -1,0 +1,188 @@
+"""Parallax decode over a KV cache: Triton (interpreter on CPU) and CuTe DSL kernels vs the reference."""
+import pytest
+import torch
+
+from parallax_decode import (_decode_reference, decode_backend, parallax_decode,
+                             parallax_decode_triton)
+
+CUDA = torch.cuda.is_available()
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def make_inputs(lengths, kv_heads, group, head_dim, dtype, device, max_len=None, seed=0):
+    """Random q, r (B, 1, Hkv * group, D), caches (B, Lmax, Hkv, D) and int32 lengths."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, Lmax = len(lengths), max_len or max(lengths)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    q, r = randn(B, 1, kv_heads * group, head_dim), randn(B, 1, kv_heads * group, head_dim)
+    k, v = randn(B, Lmax, kv_heads, head_dim), randn(B, Lmax, kv_heads, head_dim)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return q, r, k, v, seqlens
+
+
+def reference(q, r, k, v, seqlens, window=None):
+    return _decode_reference(*(x.float() for x in (q, r, k, v)), seqlens, window, None)
+
+
+def rel_error(x, ref):
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def fill_past_lengths(cache, seqlens, value):
+    cache = cache.clone()
+    for b, length in enumerate(seqlens.tolist()):
+        cache[b, length:] = value
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU (CI): the Triton kernel under TRITON_INTERPRET=1, the reference backend, validation
+
+INTERPRETER_LENGTHS = [[64], [1, 65, 130], [5, 130, 1]]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 7, 100])  # inside one 64-key tile, across tiles
+@pytest.mark.parametrize("lengths", INTERPRETER_LENGTHS)
+def test_triton_matches_reference(lengths, window, group):
+    if CUDA:
+        pytest.skip("interpreter test; the GPU tests below cover the compiled kernel")
+    q, r, k, v, seqlens = make_inputs(lengths, 2, group, 64, torch.float16, "cpu", max_len=131)
+    ref = reference(q, r, k, v, seqlens, window)
+    for num_splits in (1, 3):  # one program per row, and a split-KV combine
+        out = parallax_decode_triton(q, r, k, v, seqlens, window=window, num_splits=num_splits)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        assert rel_error(out, ref) < 2e-3, (num_splits, rel_error(out, ref))
+
+
+def test_triton_ignores_cache_past_lengths():
+    device = "cuda" if CUDA else "cpu"
+    q, r, k, v, seqlens = make_inputs([1, 65, 130], 2, 2, 64, torch.float16, device, max_len=150)
+    clean = parallax_decode_triton(q, r, k, v, seqlens, num_splits=2)
+    k2, v2 = (fill_past_lengths(x, seqlens, 3e4) for x in (k, v))
+    assert torch.equal(parallax_decode_triton(q, r, k2, v2, seqlens, num_splits=2), clean)
+
+
+def test_cpu_uses_reference_backend():
+    assert decode_backend("cpu") == "reference"
+    q, r, k, v, seqlens = make_inputs([3, 9], 2, 2, 64, torch.float32, "cpu")
+    out = torch.empty_like(q)
+    result = parallax_decode(q, r, k, v, seqlens, window=4, out=out)
+    assert result is out
+    torch.testing.assert_close(out, reference(q, r, k, v, seqlens, window=4))
+
+
+def test_one_key_returns_its_value():
+    """With a single visible key p = 1 and t = u, so o = v whatever r is (the hi/lo split of
+    P*U keeps this exact to fp16 rounding even though |u| is ~10 here)."""
+    device = "cuda" if CUDA else "cpu"
+    q, r, k, v, seqlens = make_inputs([1, 1], 1, 2, 64, torch.float16, device, max_len=20)
+    out = parallax_decode_triton(q, r, k, v, seqlens)
+    torch.testing.assert_close(out, v[:, :1].expand(-1, 1, 2, -1), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(cache_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "cache_seqlens"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([5, 21], dtype=torch.int32)), "cache_seqlens"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([5, 6], dtype=torch.int64)), "cache_seqlens"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([5], dtype=torch.int32)), "cache_seqlens"),
+    (lambda a: a.update(q=a["q"].to(torch.float64)), "q has dtype"),
+    (lambda a: a.update(r=a["r"].half()), "r has dtype"),
+    (lambda a: a.update(q=a["q"].repeat(1, 2, 1, 1)), "one query"),
+    (lambda a: a.update(r=a["r"][:, :, :2]), "r must have"),
+    (lambda a: a.update(v_cache=a["v_cache"][:, :10]), "v_cache"),
+    (lambda a: a.update(k_cache=a["k_cache"][..., :32], v_cache=a["v_cache"][..., :32]), "k_cache"),
+    (lambda a: a.update(q=a["q"][:, :, :3], r=a["r"][:, :, :3]), "multiple"),
+    (lambda a: a.update(q=a["q"][..., :32], r=a["r"][..., :32], k_cache=a["k_cache"][..., :32],
+                        v_cache=a["v_cache"][..., :32]), "head dim"),
+    (lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+     "unit stride"),
+    (lambda a: a.update(window=0), "window"),
+    (lambda a: a.update(scale=float("nan")), "scale"),
+    (lambda a: a.update(out=torch.empty(2, 1, 4, 64, dtype=torch.float16)), "out"),
+])
+def test_validation(change, match):
+    q, r, k, v, seqlens = make_inputs([5, 20], 2, 2, 64, torch.float32, "cpu")
+    args = dict(q=q, r=r, k_cache=k, v_cache=v, cache_seqlens=seqlens)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        parallax_decode(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: both kernels against the reference, garbage past the lengths, CUDA-graph replay
+
+GPU_LENGTHS = [1, 63, 64, 65, 1000, 4096, 16384]
+# (lengths per row, head ratio, head dim, dtype, window): every ratio, both head dims and dtypes,
+# windows inside one tile and across tiles, B = 32 with every length; few compiled variants.
+GPU_CASES = [
+    ([16384], 1, 128, torch.bfloat16, None),
+    ([65], 4, 64, torch.bfloat16, 33),
+    ([16384, 1, 1000], 2, 128, torch.bfloat16, 100),
+    ([63, 4096, 64], 4, 128, torch.bfloat16, None),
+    ([1000, 65, 16384], 8, 128, torch.bfloat16, 7),
+    ([4096, 63, 1], 2, 64, torch.float16, None),
+    ([GPU_LENGTHS[i % 7] for i in range(32)], 1, 128, torch.bfloat16, None),
+    ([GPU_LENGTHS[i % 7] for i in range(3, 35)], 8, 64, torch.float16, 1000),
+]
+
+
+def gpu_decode(backend):
+    if backend == "cute":
+        if not HOPPER:
+            pytest.skip("the CuTe DSL kernel targets SM90")
+        import parallax_decode_cute
+
+        def run(q, r, k, v, seqlens, window=None):
+            return parallax_decode_cute.parallax_decode_cute(
+                q, r, k, v, seqlens, window, q.shape[-1] ** -0.5, torch.empty_like(q))
+        return run
+    return lambda q, r, k, v, seqlens, window=None: parallax_decode_triton(q, r, k, v, seqlens, window=window)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cute", "triton"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{len(c[0])}-G{c[1]}-D{c[2]}-{str(c[3])[6:]}-w{c[4]}")
+def test_gpu_matches_reference(backend, case):
+    lengths, group, head_dim, dtype, window = case
+    q, r, k, v, seqlens = make_inputs(lengths, 2, group, head_dim, dtype, "cuda", seed=group)
+    k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))  # never read past L
+    out = gpu_decode(backend)(q, r, k, v, seqlens, window)
+    ref = reference(q, r, k, v, seqlens, window)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err = rel_error(out, ref)
+    assert err <= 1e-2, f"{backend}: relative error {err:.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cute", "triton"])
+def test_gpu_graph_replay_with_new_lengths(backend):
+    decode = gpu_decode(backend)
+    q, r, k, v, seqlens = make_inputs([4096, 1, 300], 2, 4, 128, torch.bfloat16, "cuda", max_len=5000)
+    out = torch.empty_like(q)
+    decode(q, r, k, v, seqlens)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(decode(q, r, k, v, seqlens, 64))
+    for lengths in ([4096, 1, 300], [17, 4999, 64], [5000, 2, 1]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        eager = decode(q, r, k, v, seqlens, 64)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), lengths
+        assert rel_error(out, reference(q, r, k, v, seqlens, 64)) <= 1e-2
+
+
+@needs_cuda
+def test_gpu_public_api_backend():
+    expected = "cute" if HOPPER else "triton"
+    assert decode_backend("cuda") == expected
+    q, r, k, v, seqlens = make_inputs([70, 3], 2, 2, 128, torch.bfloat16, "cuda")
+    out = parallax_decode(q, r, k, v, seqlens)
+    assert decode_backend("cuda") == expected  # the CuTe DSL kernel did not fall back
+    assert rel_error(out, reference(q, r, k, v, seqlens)) <= 1e-2

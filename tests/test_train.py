@@ -1,0 +1,173 @@
+"""train_gpt.py's model and training loop, on the CPU: the smoke configuration on synthetic data."""
+import itertools
+import os
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from records.compare import parse_log
+from test_loader import write_shard
+
+SMOKE = replace(tg.Hyperparameters(), **tg.SMOKE_CONFIG)
+
+
+def pattern_corpus(num_tokens, seed):
+    """Documents that count upwards modulo 16 from a random start: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    tokens = []
+    while len(tokens) < num_tokens:
+        start, length = rng.integers(0, 16), rng.integers(20, 200)
+        tokens += [tg.BOS] + [int((start + i) % 16) for i in range(length)]
+    return tokens[:num_tokens]
+
+
+@pytest.fixture
+def smoke_run(tmp_path, monkeypatch):
+    """Smoke hyperparameters on synthetic shards, run from tmp_path (logs/ and checkpoints/ land there)."""
+    write_shard(tmp_path / "pattern_train_000001.bin", pattern_corpus(20_000, seed=0))
+    write_shard(tmp_path / "pattern_val_000000.bin", pattern_corpus(4_096, seed=1))
+    monkeypatch.chdir(tmp_path)
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    return replace(SMOKE, train_files=str(tmp_path / "pattern_train_*.bin"),
+                   val_files=str(tmp_path / "pattern_val_*.bin"), run_name="smoke")
+
+
+def tiny_config(attention, **changes):
+    return tg.model_config(replace(SMOKE, attention=attention, window_schedule=(48,), **changes))
+
+
+def randomized(model, seed=0):
+    """Every parameter random (zero-initialized projections too), so no path is trivially zero."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5 if param.ndim < 2 else param.shape[-1] ** -0.5)
+    return model
+
+
+def packed_batch(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, tg.GPT2_VOCAB - 1, (sum(lengths),), generator=generator)
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    tokens[cu_seqlens[:-1].long()] = tg.BOS
+    return tokens, cu_seqlens
+
+
+def test_smoke_run_learns_and_its_log_parses(smoke_run):
+    assert tg.train(smoke_run) == 0
+    run = parse_log("logs/smoke.txt")
+    assert run["status"] == "complete"
+    assert run["attention"] == "parallax" and run["num_iterations"] == 30
+    assert [step for step, _ in run["val"]] == [0, 10, 20, 30]
+    assert [step for step, _ in run["train"]] == list(range(1, 31))
+    first_val, final_val = run["val"][0][1], run["final_val_loss"]
+    assert first_val == pytest.approx(np.log(tg.GPT2_VOCAB + 47), abs=0.05)  # zero LM head: uniform over 50304
+    assert final_val < 1.5 < first_val  # a mod-16 counter: the model has learned to count
+    assert np.mean([loss for _, loss in run["train"][-5:]]) < np.mean([loss for _, loss in run["train"][:5]]) - 5
+    assert run["peak_allocated_mib"] is not None
+    log = open("logs/smoke.txt").read()
+    for section in ("==== train_gpt.py ====", "==== parallax_kernels.py ====", "==== muon.py ===="):
+        assert section in log
+
+    model, checkpoint = tg.load_checkpoint("checkpoints/smoke/state_step000030.pt")
+    assert checkpoint["hyperparameters"]["attention"] == "parallax" and checkpoint["step"] == 30
+    tokens, cu_seqlens = packed_batch([20, 44])
+    assert torch.isfinite(model(tokens, cu_seqlens=cu_seqlens)).all()
+
+
+def test_checkpoint_reloads_with_weights_only_and_reproduces_logits(tmp_path):
+    model = randomized(tg.GPT(tiny_config("parallax")))
+    path = str(tmp_path / "ckpt" / "state_step000007.pt")
+    tg.save_checkpoint(path, model, SMOKE, step=7)
+    assert os.listdir(tmp_path / "ckpt") == ["state_step000007.pt"]  # no temporary file left behind
+    payload = torch.load(path, weights_only=True)
+    assert payload["step"] == 7 and payload["model_config"]["attention"] == "parallax"
+    reloaded, _ = tg.load_checkpoint(path)
+    tokens, cu_seqlens = packed_batch([30, 70, 28])
+    assert torch.equal(reloaded(tokens, cu_seqlens=cu_seqlens), model(tokens, cu_seqlens=cu_seqlens))
+
+
+def test_parallax_with_zero_r_equals_softmax():
+    parallax = randomized(tg.GPT(tiny_config("parallax")))
+    softmax = tg.GPT(tiny_config("softmax"))
+    state = {name: t for name, t in parallax.state_dict().items() if ".attn.r." not in name}
+    softmax.load_state_dict(state)  # strict: every other weight is shared
+    tokens, cu_seqlens = packed_batch([100, 3, 90, 63])  # documents longer and shorter than the window (48)
+    before = parallax(tokens, cu_seqlens=cu_seqlens)
+    with torch.no_grad():
+        for block in parallax.blocks:
+            block.attn.r.weight.zero_()
+    zero_r = parallax(tokens, cu_seqlens=cu_seqlens)
+    reference = softmax(tokens, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(zero_r, reference, atol=2e-5, rtol=1e-5)
+    assert (before - reference).abs().max() > 1e-2  # r matters when it is not zero
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_matches_the_dense_mask():
+    """The block summaries (full / partial / skipped) of the FlexAttention mask, checked on the CPU."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 64) for _ in range(3))
+    doc_ids = tg.document_ids(torch.tensor([0, 37, 200, 201, 390, 512], dtype=torch.int32), 512)
+    for window in (1, 50, 128, 129, 300, 1000):
+        y = tg.flex_attention(q, k, v, block_mask=tg.flex_block_mask(doc_ids, window), scale=0.12)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=tg.dense_visibility(doc_ids, window), scale=0.12)
+        torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_exit_code_1(smoke_run, monkeypatch, capsys):
+    forward, calls = tg.GPT.forward, itertools.count()
+
+    def poisoned(self, *args, **kwargs):  # NaN from the 9th training micro-batch: step 5 (2 per step)
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if torch.is_grad_enabled() and next(calls) >= 8 else loss
+
+    monkeypatch.setattr(tg.GPT, "forward", poisoned)
+    assert tg.train(replace(smoke_run, save_every=2, val_every=0)) == 1
+    output = capsys.readouterr().out
+    assert re.search(r"step:5/30 train_loss:nan is not finite; stopping. Last good checkpoint: "
+                     r"checkpoints/smoke/state_step000004.pt", output)
+    assert sorted(os.listdir("checkpoints/smoke")) == ["state_step000002.pt", "state_step000004.pt"]
+    assert parse_log("logs/smoke.txt")["status"] != "complete"
+
+
+def test_param_matched_costs_what_r_adds():
+    def count(attention, param_matched):
+        hp = tg.Hyperparameters(attention=attention, param_matched=param_matched)
+        with torch.device("meta"):
+            return sum(p.numel() for p in tg.GPT(tg.model_config(hp)).parameters())
+
+    softmax, drop_in, matched = count("softmax", False), count("parallax", False), count("parallax", True)
+    assert drop_in - softmax == 12 * 768 * 768  # one 768 x 768 r per layer
+    assert matched == softmax
+    assert tg.model_config(tg.Hyperparameters(param_matched=True)).mlp_hidden == 2688
+
+
+def test_environment_overrides():
+    hp = tg.hyperparameters_from_env({"SMOKE": "1", "NUM_ITERATIONS": "7", "ATTENTION": "softmax",
+                                      "PARAM_MATCHED": "true", "VAL_TOKENS": "4096", "WINDOW_SCHEDULE": "64,128"})
+    assert hp.smoke and hp.num_layers == 2 and hp.num_iterations == 7 and hp.attention == "softmax"
+    assert hp.param_matched and hp.val_tokens == 4096 and hp.window_schedule == (64, 128)
+    assert tg.hyperparameters_from_env({}) == tg.Hyperparameters()
+    with pytest.raises(ValueError, match="NUM_ITERATIONS"):
+        tg.hyperparameters_from_env({"NUM_ITERATIONS": "many"})
+    with pytest.raises(ValueError, match="world size 3"):
+        tg.check_hyperparameters(tg.Hyperparameters(), world_size=3)
+
+
+def test_schedules():
+    hp = tg.Hyperparameters(num_iterations=1000)
+    multipliers = [tg.lr_multiplier(step, hp) for step in range(1001)]
+    assert multipliers[0] == multipliers[600] == 1.0 and multipliers[1000] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(multipliers, multipliers[1:]))
+    windows = [tg.window_at(step, hp) for step in range(1001)]
+    assert sorted(set(windows)) == list(hp.window_schedule) and windows == sorted(windows)
+    model = tg.GPT(tiny_config("softmax", num_layers=12, num_value_embeds=3))
+    model.set_window(1792)
+    assert model.layer_windows == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
