@@ -186,6 +186,20 @@ def _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN: tl.constexpr, WINDOWE
 
 
 @triton.jit
+def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query rows: offsets, validity, key bounds, and the q and K/V row offsets."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
+    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
+    return offs_m, offs_m < Tq, pos, lo, q_off, kv_base
+
+
+@triton.jit
 def _load_rows(X, offsets, rows, n_rows):
     return tl.load(X + offsets, mask=(rows < n_rows)[:, None], other=0.0)
 
@@ -219,17 +233,11 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
                 Tq, Tk, n_heads, group, window, scale_log2,
                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < Tq
-    pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
-
-    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    offs_m, row_ok, pos, lo, q_off, kv_base = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+        D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
-    kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite, so fully masked tiles give alpha = 1
     d1 = tl.zeros([BLOCK_M], tl.float32)
@@ -243,7 +251,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
     t = d2 / d1
     o = (o1 * (1.0 + t)[:, None] - o2) / d1[:, None]
     tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    stat_off = pid_bh * Tq + offs_m
+    stat_off = tl.program_id(1) * Tq + offs_m
     tl.store(LSE + stat_off, m_i + tl.log2(d1), mask=row_ok)
     tl.store(TMEAN + stat_off, t, mask=row_ok)
 
@@ -290,23 +298,17 @@ def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
                    Tq, Tk, n_heads, group, window, scale_log2, scale,
                    D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < Tq
-    pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
-
-    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    offs_m, row_ok, pos, lo, q_off, kv_base = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+        D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
     g = tl.load(G + q_off, mask=row_ok[:, None], other=0.0)
     o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
     c = tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
-    stat_off = pid_bh * Tq + offs_m
+    stat_off = tl.program_id(1) * Tq + offs_m
     lse = tl.load(LSE + stat_off, mask=row_ok, other=0.0)
     t = tl.load(TMEAN + stat_off, mask=row_ok, other=0.0)
-    kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
     k_start, k_end = tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1
 
     # Sweep 1: b_i = g_i . o1_i = sum_j p_ij a_ij.
