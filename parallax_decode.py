@@ -50,7 +50,7 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens, *, window=None, scale
     backend = decode_backend(q.device) if isinstance(q, torch.Tensor) else "reference"
     _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend)
     if backend == "reference":
-        result = _decode_reference(q, r, k_cache, v_cache, cache_seqlens, window, scale)
+        result = parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, window, scale)
         return result if out is None else out.copy_(result)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, r = q.contiguous(), r.contiguous()
@@ -171,7 +171,8 @@ def _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, o
 # Reference (CPU)
 
 
-def _decode_reference(q, r, k_cache, v_cache, cache_seqlens, window, scale):
+def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, window=None, scale=None):
+    """parallax_reference row by row over each row's valid keys (any device; reads the lengths on the host)."""
     rows = []
     for b, length in enumerate(cache_seqlens.tolist()):
         rows.append(parallax_reference(q[b:b + 1], r[b:b + 1], k_cache[b:b + 1, :length],

@@ -188,7 +188,8 @@ def _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN: tl.constexpr, WINDOWE
 @triton.jit
 def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
                  D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query rows: offsets, validity, key bounds, and the q and K/V row offsets."""
+    """This program's query rows: offsets, validity, key bounds, the q and K/V row offsets, and the
+    offsets of its per-row statistics."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,7 +197,7 @@ def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt
     pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
     q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
     kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
-    return offs_m, offs_m < Tq, pos, lo, q_off, kv_base
+    return offs_m, offs_m < Tq, pos, lo, q_off, kv_base, pid_bh * Tq + offs_m
 
 
 @triton.jit
@@ -233,7 +234,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
                 Tq, Tk, n_heads, group, window, scale_log2,
                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m, row_ok, pos, lo, q_off, kv_base = _query_block(
+    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
         n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
         D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
@@ -251,7 +252,6 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
     t = d2 / d1
     o = (o1 * (1.0 + t)[:, None] - o2) / d1[:, None]
     tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    stat_off = tl.program_id(1) * Tq + offs_m
     tl.store(LSE + stat_off, m_i + tl.log2(d1), mask=row_ok)
     tl.store(TMEAN + stat_off, t, mask=row_ok)
 
@@ -298,7 +298,7 @@ def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
                    Tq, Tk, n_heads, group, window, scale_log2, scale,
                    D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m, row_ok, pos, lo, q_off, kv_base = _query_block(
+    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
         n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
         D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
@@ -306,7 +306,6 @@ def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
     g = tl.load(G + q_off, mask=row_ok[:, None], other=0.0)
     o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
     c = tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
-    stat_off = tl.program_id(1) * Tq + offs_m
     lse = tl.load(LSE + stat_off, mask=row_ok, other=0.0)
     t = tl.load(TMEAN + stat_off, mask=row_ok, other=0.0)
     k_start, k_end = tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1
@@ -516,7 +515,7 @@ def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, 
 
 
 def __getattr__(name):
-    if name in ("parallax_decode", "decode_backend"):
+    if name in ("parallax_decode", "parallax_decode_reference", "decode_backend"):
         import parallax_decode
         return getattr(parallax_decode, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -943,14 +943,9 @@ def cached_attention(q, r, k_cache, v_cache, lengths, window: int, scale: float,
                                            attn_mask=visible[:, None, None, :], scale=scale)
         return y.transpose(1, 2)
     if decode_path == "reference":
-        rows = [parallax_kernels.parallax_reference(q[b:b + 1], r[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
-                                                    window=window, scale=scale)
-                for b, n in enumerate(lengths.tolist())]
-        return torch.cat(rows).type_as(q)
-    try:
+        decode = parallax_kernels.parallax_decode_reference
+    else:
         decode = parallax_kernels.parallax_decode
-    except (AttributeError, ImportError) as err:
-        raise RuntimeError(f"parallax_kernels.parallax_decode is not available ({err})") from None
     return decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from parallax_decode import (_decode_reference, decode_backend, parallax_decode,
+from parallax_decode import (parallax_decode_reference, decode_backend, parallax_decode,
                              parallax_decode_triton)
 
 CUDA = torch.cuda.is_available()
@@ -25,7 +25,7 @@ def make_inputs(lengths, kv_heads, group, head_dim, dtype, device, max_len=None,
 
 
 def reference(q, r, k, v, seqlens, window=None):
-    return _decode_reference(*(x.float() for x in (q, r, k, v)), seqlens, window, None)
+    return parallax_decode_reference(*(x.float() for x in (q, r, k, v)), seqlens, window, None)
 
 
 def rel_error(x, ref):
