@@ -363,12 +363,16 @@ def _block_lists(mask: Tensor):
     return counts[None, None].contiguous(), indices[None, None].contiguous()
 
 
-def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, scale: float, use_flex: bool):
+def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, scale: float, use_flex: bool,
+                     doc_ids: Tensor | None = None):
     """attend(layer, q, r, k, v) -> (1, T, H, D) for documents packed with cu_seqlens (B = 1).
 
     Parallax: the Triton kernel on CUDA, the fp32 reference on the CPU. Softmax (r is None):
     FlexAttention with the document + window block mask when use_flex (CUDA, compiled), else SDPA
-    with a dense (T, T) boolean mask (eager runs; T^2 bytes per window size). windows[layer] is the number of visible keys, the diagonal included."""
+    with a dense (T, T) boolean mask (eager runs; T^2 bytes per window size). windows[layer] is the
+    number of visible keys, the diagonal included. doc_ids (document_ids of cu_seqlens) may be given:
+    a compiled graph needs it as an input, since inductor cannot lower a mask_mod that reads a
+    tensor computed inside the graph."""
     if parallax:
         if cu_seqlens.is_cuda:
             def attend(layer, q, r, k, v):
@@ -380,7 +384,8 @@ def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, 
                                                            scale=scale).type_as(q)
         return attend
 
-    doc_ids = document_ids(cu_seqlens, T)
+    if doc_ids is None:
+        doc_ids = document_ids(cu_seqlens, T)
     if use_flex:
         block_masks = {w: flex_block_mask(doc_ids, w) for w in set(windows)}
 
@@ -550,15 +555,17 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         return self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
 
-    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, *, cu_seqlens: Tensor):
+    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, *, cu_seqlens: Tensor,
+                doc_ids: Tensor | None = None):
         """Packed documents input_seq (T,) with boundaries cu_seqlens -> mean cross-entropy against
-        target_seq, or the (T, vocab) logits when no targets are given."""
+        target_seq, or the (T, vocab) logits when no targets are given. doc_ids: document_ids(cu_seqlens,
+        T), which a compiled softmax model needs as an input (see packed_attention)."""
         T = input_seq.numel()
         positions = torch.arange(T, device=input_seq.device)
         # FlexAttention only when compiled: eager flex materializes every (T, T) score matrix.
         use_flex = input_seq.is_cuda and T % FLEX_BLOCK == 0 and torch.compiler.is_compiling()
         attend = packed_attention(self.config.attention == "parallax", cu_seqlens, T, self.layer_windows,
-                                  self.config.attn_scale, use_flex=use_flex)
+                                  self.config.attn_scale, use_flex=use_flex, doc_ids=doc_ids)
         logits = self.logits(self.hidden_states(input_seq[None], positions, attend)[0])
         if target_seq is None:
             return logits
@@ -638,7 +645,9 @@ def environment_report() -> str:
         except metadata.PackageNotFoundError:
             lines.append(f"{package} not installed")
     if shutil.which("nvidia-smi"):
-        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout.rstrip())
+        query = "index,name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.mem"
+        lines.append(subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
+                                    capture_output=True, text=True).stdout.rstrip())
     else:
         lines.append("no nvidia-smi: no GPU info")
     return "\n".join(lines)
@@ -771,7 +780,8 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     def run_model(batch: Batch) -> Tensor:
         if compiled is not model:
             torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)  # the number of documents changes every batch
-        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens)
+        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens,
+                        doc_ids=document_ids(batch.cu_seqlens, batch.inputs.numel()))
 
     def train_step(step: int, batches) -> float:
         """One optimizer step; returns the loss averaged over the global batch. When it is not finite,

@@ -8,6 +8,3 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Tests check correctness, not speed: one tile shape per kernel keeps GPU compile time short.
-os.environ.setdefault("PARALLAX_AUTOTUNE", "0")
