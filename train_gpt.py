@@ -175,7 +175,9 @@ DATA_HINT = ("fetch FineWeb with `python data/cached_fineweb10B.py`, or point TR
 
 
 def read_shard_header(path) -> int:
-    """Check a shard's header against its size; return its token count (ValueError naming the problem)."""
+    """Check a shard's header against its size; return its token count (ValueError naming the problem).
+    data/cached_fineweb10B.py's read_header checks the same format for the data scripts: this file keeps
+    its own copy so that it, and the code its logs carry, stand alone."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -528,6 +530,12 @@ class GPT(nn.Module):
         self.lm_head = CastedLinear(config.model_dim, config.vocab_size, zero_init=True)
         self.set_window(config.final_window)
 
+    def embeddings_to(self, dtype: torch.dtype) -> "GPT":
+        """Activations in dtype from the embeddings on; the linear weights stay fp32 for the optimizers."""
+        self.embed.to(dtype)
+        self.value_embeds.to(dtype)
+        return self
+
     def set_window(self, long_window: int):
         """Per-layer windows, a Python int each (torch.compile specializes on them): long on every 4th layer
         counted from the outside in (records: L S S S L S | S L S S S L), half as long elsewhere."""
@@ -758,9 +766,7 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     torch.manual_seed(hp.seed)
     model = GPT(model_config(hp)).to(device)
     if device.type == "cuda":
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                module.bfloat16()  # bf16 activations from here on; linear weights stay fp32 for the optimizers
+        model.embeddings_to(torch.bfloat16)
     if world_size > 1:
         for param in model.parameters():
             dist.broadcast(param.detach(), 0)
@@ -780,8 +786,9 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     def run_model(batch: Batch) -> Tensor:
         if compiled is not model:
             torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)  # the number of documents changes every batch
-        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens,
-                        doc_ids=document_ids(batch.cu_seqlens, batch.inputs.numel()))
+        # Only softmax attention reads document ids (see packed_attention); Parallax takes cu_seqlens.
+        doc_ids = document_ids(batch.cu_seqlens, batch.inputs.numel()) if hp.attention == "softmax" else None
+        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens, doc_ids=doc_ids)
 
     def train_step(step: int, batches) -> float:
         """One optimizer step; returns the loss averaged over the global batch. When it is not finite,

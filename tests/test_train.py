@@ -179,10 +179,7 @@ def test_compiled_model_matches_eager_gpu(attention):
     """The training path on a GPU: the model compiled in one graph (FlexAttention for softmax, the custom
     op for Parallax) gives eager's loss and gradients (dense-mask SDPA for softmax, the same kernel).
     fp16 activations: their rounding (about 1% here) leaves room to catch a wrong mask or gradient."""
-    model = randomized(tg.GPT(tiny_config(attention, seq_len=512)).cuda())
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            module.half()
+    model = randomized(tg.GPT(tiny_config(attention, seq_len=512)).cuda()).embeddings_to(torch.float16)
     tokens, cu_seqlens = packed_batch([1, 200, 47, 264], seed=3)
     tokens, targets, cu_seqlens = tokens.cuda(), tokens.roll(-1).cuda(), cu_seqlens.cuda()
 
