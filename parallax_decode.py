@@ -43,9 +43,9 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens, *, window=None, scale
     cache_seqlens needs a host sync, so it is skipped while a CUDA graph is being captured
     (a captured step can then be replayed with new lengths without any sync).
 
-    The kernels compile on the first call per (dtype, head dim, head ratio): make one call before
-    capturing a graph. The CuTe DSL kernel keeps one per-device buffer of split arrival counters,
-    so decode steps must not run concurrently on two streams of one GPU.
+    The kernels compile on the first call per (dtype, head dim, head ratio; for the CuTe DSL
+    kernel also the split count, which follows from B, Hkv and Lmax): make one call before
+    capturing a graph.
     """
     backend = decode_backend(q.device) if isinstance(q, torch.Tensor) else "reference"
     _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend)

@@ -179,6 +179,24 @@ def test_gpu_graph_replay_with_new_lengths(backend):
 
 
 @needs_cuda
+@pytest.mark.parametrize("num_splits, warpgroups", [(1, 1), (1, 2), (3, 1), (3, 2), (8, 2)])
+@pytest.mark.parametrize("window", [None, 100])
+def test_gpu_cute_split_counts(num_splits, warpgroups, window):
+    """Every cluster size and warpgroup count merges right, including splits that get no tile
+    (the 1-key row) and warpgroups that get different tile counts."""
+    if not HOPPER:
+        pytest.skip("the CuTe DSL kernel targets SM90")
+    import parallax_decode_cute
+    q, r, k, v, seqlens = make_inputs([1, 130, 4096, 700], 2, 2, 128, torch.bfloat16, "cuda", seed=3)
+    k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))
+    out = parallax_decode_cute.parallax_decode_cute(q, r, k, v, seqlens, window, 128 ** -0.5,
+                                                    torch.empty_like(q), num_splits=num_splits,
+                                                    warpgroups=warpgroups)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, reference(q, r, k, v, seqlens, window)) <= 1e-2
+
+
+@needs_cuda
 def test_gpu_public_api_backend():
     expected = "cute" if HOPPER else "triton"
     assert decode_backend("cuda") == expected
