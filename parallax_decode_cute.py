@@ -8,18 +8,20 @@ tiles:
 - the warpgroup's warp 0 streams its K and V tiles into shared memory with TMA, through an
   mbarrier pipeline (two stages per warpgroup and one CTA per SM with two warpgroups; three
   stages and two CTAs per SM with one, for batches with more (row, KV head) pairs than SMs);
-- the warpgroup runs both products as warpgroup MMAs (WGMMA m64nNk16) with the A operand in
-  registers: [S; U] = [Q; R] K^T, then [O1; O2] += [P; P*U] V. The 64 tile rows are [q heads;
-  r heads] of the KV head's query group (8 + 8 rows, so a thread holds the score s and the
-  probe u = r.k of the same (head, key)): warp 0 feeds P and P*U rounded to bf16/fp16, warp 1
-  holds the same rows and feeds the rounding remainders (o = (O1/d1)(1 + d2/d1) - O2/d1 cancels
-  large terms, so one rounding of P*U alone costs ~1% at short cache lengths), warps 2 and 3
-  feed zeros. The online softmax state m, d1 = sum e^(s-m), d2 = sum e^(s-m) u lives in
-  registers, per row;
-- the splits of a (row, KV head) form one thread-block cluster: every CTA leaves its warpgroups'
-  partial states in shared memory, and after a cluster barrier each CTA merges a slice of the
-  outputs from all of them through distributed shared memory. A decode step is one launch,
-  with no workspace and no global atomics.
+- the warpgroup runs both products as warpgroup MMAs (WGMMA) with the keys on the MMA's M and
+  the query group on its narrow N, both operands from shared memory: S^T = K [Q; R]^T gives
+  the score s = q.k and the probe u = r.k of every (key, head) in one m64n8 (up to 4 heads) or
+  m64n16 accumulator: 5x (up to 4 heads) to 2.7x (8 heads) less tensor work per tile than
+  with the group on M, where a decode fills a few of the 64 rows. The tile maximum of each head is exchanged between the 4 warps through shared memory;
+  each thread then writes P and P*U of its keys into a P^T buffer, rounded to bf16/fp16 and
+  again as the rounding remainders (o = (O1/d1)(1 + d2/d1) - O2/d1 cancels large terms, so one
+  rounding of P*U alone costs ~1% at short cache lengths), and O^T += V^T P^T accumulates
+  [O1 O2] of every head on the head dimension (M) in a few registers per thread. The online
+  softmax state m, d1 = sum e^(s-m), d2 = sum e^(s-m) u lives in registers;
+- the splits of a (row, KV head) form one thread-block cluster: every CTA merges its
+  warpgroups' partial states into one in shared memory, and after a cluster barrier each CTA
+  merges a slice of the outputs over all of them through distributed shared memory, a lane per
+  CTA. A decode step is one launch, with no workspace and no global atomics.
 
 TMA reads whole tiles, so a tile that straddles the visible range [lo, hi) also brings in keys
 past the cache length: their scores are masked to -inf and their probes to 0, and their V rows
@@ -45,16 +47,19 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
 
 TILE_KEYS = 64  # keys per pipeline stage
-MMA_ROWS = 64  # WGMMA M: rows 0..15 [q heads; r heads] (warp 0), 16..31 the same (warp 1)
-MAX_GROUP = 8  # q heads per KV head that fit the 16-row band
+MAX_GROUP = 8  # q heads per KV head
 WARPGROUP_THREADS = 128
 # Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (more
 # stages measured no faster, and two CTAs per SM would let the scheduler pack a cluster onto half
 # as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, for batches
 # with more (row, KV head) pairs than SMs: two CTAs per SM, so all CTAs are resident at once.
 STAGE_BYTES = {1: 96 * 1024, 2: 128 * 1024}
-MAX_SPLITS = 8  # the portable cluster size (16 measured slower: not every GPC holds 16 CTAs)
-O_PAD = 8  # floats of padding per accumulator row in the epilogue, against bank conflicts
+# The portable cluster size. 16 CTAs per (row, KV head) measured slower both as one cluster (not
+# every GPC holds 16) and as two clusters joined through global memory (the join costs more
+# than the extra SMs bring).
+MAX_SPLITS = 8
+O_PAD = 4  # floats of padding per accumulator column in the epilogue, against bank conflicts
+STAT_ROWS = 9  # per warpgroup and head: m, then d1 of each of the 4 warps, then d2 of each
 LOG2_E = 1.4426950408889634
 
 _TORCH_TO_CUTE = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
@@ -72,6 +77,11 @@ class ParallaxDecodeSm90:
         self.group = group
         self.num_splits = num_splits
         self.warpgroups = warpgroups
+        # column blocks of 8: a score block holds (q, r) of 4 heads; the output holds the
+        # blocks of P and P*U rounded to 16 bits, then those of the rounding remainders
+        self.head_blocks = (group + 3) // 4
+        self.score_cols = 8 * self.head_blocks
+        self.out_cols = 2 * self.score_cols
         # stages of all warpgroups together: warpgroup w owns the stages s with s % W == w
         stages = STAGE_BYTES[warpgroups] // (2 * TILE_KEYS * head_dim * (dtype.width // 8))
         self.num_stages = stages // warpgroups * warpgroups
@@ -86,8 +96,9 @@ class ParallaxDecodeSm90:
                  k_stride_b: Int64, k_stride_l: Int32, k_stride_h: Int32,
                  v_stride_b: Int64, v_stride_l: Int32, v_stride_h: Int32,
                  window: Int32, scale_log2: Float32, stream: cuda.CUstream):
-        D, G, S, T = self.head_dim, self.group, self.num_splits, TILE_KEYS
-        q_heads = kv_heads * G
+        D, S, T = self.head_dim, self.num_splits, TILE_KEYS
+        NS, NO = self.score_cols, self.out_cols
+        q_heads = kv_heads * self.group
         # q, r and out are contiguous (B, Hq, D); the caches only need unit stride in D and
         # 16-byte strides (TMA), checked by the caller.
         qo_layout = cute.make_layout((batch, q_heads, D), stride=(q_heads * D, D, 1))
@@ -95,7 +106,7 @@ class ParallaxDecodeSm90:
         mR = cute.make_tensor(r_ptr, qo_layout)
         mOut = cute.make_tensor(out_ptr, qo_layout)
         # K as (keys, D, head, row) and V transposed as (D, keys, head, row): a K tile is the
-        # K-major B operand of the first product, a V tile the D-major B operand of the second.
+        # K-major A operand of the first product, a V tile the D-major A operand of the second.
         mK = cute.make_tensor(k_ptr, cute.make_layout(
             (max_len, D, kv_heads, batch),
             stride=(cute.assume(k_stride_l, divby=8), 1, cute.assume(k_stride_h, divby=8),
@@ -105,16 +116,21 @@ class ParallaxDecodeSm90:
             stride=(1, cute.assume(v_stride_l, divby=8), cute.assume(v_stride_h, divby=8),
                     cute.assume(v_stride_b, divby=8))))
         mLens = cute.make_tensor(lens_ptr, cute.make_layout((batch,)))
-        mma_qk = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (MMA_ROWS, T), warpgroup.OperandSource.RMEM)
-        mma_pv = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
-            Float32, (1, 1, 1), (MMA_ROWS, D), warpgroup.OperandSource.RMEM)
-        sK_layout = sm90_utils.make_smem_layout_b(
-            LayoutEnum.ROW_MAJOR, (MMA_ROWS, T, D), self.dtype, self.num_stages)
-        sV_layout = sm90_utils.make_smem_layout_b(
-            LayoutEnum.COL_MAJOR, (MMA_ROWS, D, T), self.dtype, self.num_stages)
+        K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        # S^T = K [Q; R]^T: keys on the MMA's M, the (q, r) columns of the group on N
+        mma_s = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), (T, NS))
+        # O^T += V^T P^T: head dimension on M (D / 64 m64 tiles), keys on K
+        mma_o = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, MN_MAJOR, K_MAJOR, Float32, (1, 1, 1), (64, NO))
+        sK_layout = sm90_utils.make_smem_layout_a(
+            LayoutEnum.ROW_MAJOR, (T, NS, D), self.dtype, self.num_stages)
+        sV_layout = sm90_utils.make_smem_layout_a(
+            LayoutEnum.COL_MAJOR, (D, NO, T), self.dtype, self.num_stages)
+        sQR_layout = sm90_utils.make_smem_layout_b(
+            LayoutEnum.ROW_MAJOR, (T, NS, D), self.dtype, 1)
+        sP_layout = sm90_utils.make_smem_layout_b(  # one P^T buffer per warpgroup
+            LayoutEnum.ROW_MAJOR, (D, NO, T), self.dtype, self.warpgroups)
         tma_k, mK_tma = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mK, cute.slice_(sK_layout, (None, None, 0)), (T, D))
         tma_v, mV_tma = cpasync.make_tiled_tma_atom(
@@ -127,15 +143,21 @@ class ParallaxDecodeSm90:
             barriers: cute.struct.MemRange[Int64, 2 * self.num_stages]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
-            # (m, d1, d2) per warpgroup and head
-            sStat: cute.struct.MemRange[Float32, self.warpgroups * 3 * MAX_GROUP]
+            sQR: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQR_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
+            # per warpgroup: the tile maximum of each warp and head; m, and d1 and d2 of each
+            # warp, of each head
+            sMax: cute.struct.MemRange[Float32, self.warpgroups * 4 * MAX_GROUP]
+            sStat: cute.struct.MemRange[Float32, self.warpgroups * STAT_ROWS * MAX_GROUP]
+            sCtaStat: cute.struct.MemRange[Float32, 3 * MAX_GROUP]  # (m, d1, d2) of the CTA
 
-        # the epilogue reuses the K stages (and the V stages, of the second warpgroup) for rows
-        # 0..31 of the fp32 accumulator
-        assert 32 * (D + O_PAD) * 4 <= cute.cosize(sK_layout) * (self.dtype.width // 8)
+        # the epilogue reuses the K stages for the fp32 accumulators O^T of the warpgroups
+        assert self.warpgroups * NO * (D + O_PAD) * 4 <= cute.cosize(sK_layout) * (
+            self.dtype.width // 8)
 
         self.kernel(mQ, mR, mK_tma, mV_tma, mLens, mOut, window, scale_log2, tma_k, tma_v,
-                    sK_layout, sV_layout, mma_qk, mma_pv, tile_bytes, SharedStorage).launch(
+                    sK_layout, sV_layout, sQR_layout, sP_layout, mma_s, mma_o, tile_bytes,
+                    SharedStorage).launch(
             grid=(S, kv_heads, batch), block=(WARPGROUP_THREADS * self.warpgroups, 1, 1),
             cluster=(S, 1, 1), stream=stream)
 
@@ -147,9 +169,11 @@ class ParallaxDecodeSm90:
                mLens: cute.Tensor, mOut: cute.Tensor, window: Int32, scale_log2: Float32,
                tma_k: cute.CopyAtom, tma_v: cute.CopyAtom,
                sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
-               mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, tile_bytes: cutlass.Constexpr,
+               sQR_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
+               mma_s: cute.TiledMma, mma_o: cute.TiledMma, tile_bytes: cutlass.Constexpr,
                SharedStorage: cutlass.Constexpr):
         D, G, S, T, W = self.head_dim, self.group, self.num_splits, TILE_KEYS, self.warpgroups
+        HB, NS, NO = self.head_blocks, self.score_cols, self.out_cols
         tidx, _, _ = cute.arch.thread_idx()
         split, kv_head, batch_idx = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -163,8 +187,12 @@ class ParallaxDecodeSm90:
         storage = smem.allocate(SharedStorage)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)  # (T, D, stage)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)  # (D, T, stage)
+        sQR = storage.sQR.get_tensor(sQR_layout.outer, swizzle=sQR_layout.inner)  # (NS, D, 1)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)  # (NO, T, W)
+        sMax = storage.sMax.get_tensor(cute.make_layout(
+            (W, 4, MAX_GROUP), stride=(4 * MAX_GROUP, MAX_GROUP, 1)))
         sStat = storage.sStat.get_tensor(cute.make_layout(
-            (W, 3, MAX_GROUP), stride=(3 * MAX_GROUP, MAX_GROUP, 1)))
+            (W, STAT_ROWS, MAX_GROUP), stride=(STAT_ROWS * MAX_GROUP, MAX_GROUP, 1)))
         # warpgroup w consumes tiles w, w + W, ... of the split from its own stages; its warp 0
         # arms each stage and issues the TMA loads, each of its 4 warps releases the stage
         kv_pipeline = pipeline.PipelineTmaAsync.create(
@@ -176,6 +204,9 @@ class ParallaxDecodeSm90:
         wg_tidx = tidx % WARPGROUP_THREADS
         wg_warp = warp_idx % 4
         wg_barrier = 1 + wg  # named barrier of this warpgroup (0 is the CTA barrier)
+        # In both accumulators this thread holds the column pairs (2t, 2t + 1) of every block
+        # of 8: the (s, u) of heads t, t + 4 and the (O1, O2) columns of the same heads.
+        col_pair = lane % 4
 
         # ---- which keys this warpgroup reads ----------------------------------------------------
         # Visible keys are [lo, hi); the row's T-key tiles (aligned to multiples of T) are dealt
@@ -206,39 +237,41 @@ class ParallaxDecodeSm90:
                                split_first + wg + i * W)
                 for _ in cutlass.range_constexpr(W):  # on to this warpgroup's next stage
                     write.advance()
-        thr_qk = mma_qk.get_slice(wg_tidx)
-        thr_pv = mma_pv.get_slice(wg_tidx)
 
-        # [q heads; r heads] of this KV head in the A registers of warps 0 and 1; zeros elsewhere
-        # (and for absent heads). Built in the accumulator layout of a (64, D) product, which
-        # is also the A layout of D/16 k-steps.
-        rQR = cute.make_rmem_tensor(thr_pv.partition_shape_C((MMA_ROWS, D)), self.dtype)
-        cQR = thr_pv.partition_C(cute.make_identity_tensor((MMA_ROWS, D)))
-        for i in cutlass.range_constexpr(cute.size(rQR)):
-            row, col = cQR[i]
-            head = row % MAX_GROUP
-            q_head = kv_head * G + cutlass.min(head, G - 1)
-            value = mQ[batch_idx, q_head, col] if row % 16 < MAX_GROUP else mR[batch_idx, q_head,
-                                                                             col]
-            rQR[i] = value if (row < 32) & (head < G) else self.dtype(0)
-        tSrQR = _acc_as_operand_a(rQR, mma_qk)
+        # [Q; R]: column 8j + 2t is q of head 4j + t, column 8j + 2t + 1 its r (zeros for
+        # heads past the group)
+        for i in cutlass.range_constexpr((NS * D + WARPGROUP_THREADS * W - 1)
+                                         // (WARPGROUP_THREADS * W)):
+            idx = i * WARPGROUP_THREADS * W + tidx
+            if idx < NS * D:
+                col, d = idx // D, idx % D
+                head = 4 * (col // 8) + (col % 8) // 2
+                q_head = kv_head * G + cutlass.min(head, G - 1)
+                value = mR[batch_idx, q_head, d] if col % 2 == 1 else mQ[batch_idx, q_head, d]
+                sQR[col, d, 0] = value if head < G else self.dtype(0)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier()
 
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))  # (MMA, N, K, stage)
-        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
-        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((MMA_ROWS, D)), Float32)
+        thr_s = mma_s.get_slice(wg_tidx)
+        thr_o = mma_o.get_slice(wg_tidx)
+        tSrK = thr_s.make_fragment_A(thr_s.partition_A(sK))  # (MMA, M, K, stage)
+        tSrQR = thr_s.make_fragment_B(thr_s.partition_B(sQR))
+        tOrV = thr_o.make_fragment_A(thr_o.partition_A(sV))
+        tOrP = thr_o.make_fragment_B(thr_o.partition_B(sP))
+        acc_S = cute.make_rmem_tensor(thr_s.partition_shape_C((T, NS)), Float32)
+        acc_S_mn = _mn_view(acc_S)  # (2 keys, (s, u) x head block)
+        tScS_mn = _mn_view(thr_s.partition_C(cute.make_identity_tensor((T, NS))))
+        acc_O = cute.make_rmem_tensor(thr_o.partition_shape_C((D, NO)), Float32)
         acc_O.fill(0.0)
-        acc_O_mn = _mn_view(acc_O)
-        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((MMA_ROWS, T)), Float32)
-        acc_S_mn = _mn_view(acc_S)
-        tScS_mn = _mn_view(thr_qk.partition_C(cute.make_identity_tensor((MMA_ROWS, T))))
-        rP = cute.make_rmem_tensor(acc_S.layout, self.dtype)
-        tOrP = _acc_as_operand_a(rP, mma_pv)
-        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-        # this thread's softmax state for head lane // 4: running max (log2 units), d1, d2
-        state = cute.make_rmem_tensor((3,), Float32)
-        state[0] = -Float32.inf
-        state[1] = 0.0
-        state[2] = 0.0
+        mma_o.set(warpgroup.Field.ACCUMULATE, True)
+        # this thread's softmax state for heads 4j + col_pair: running max (log2 units, the same
+        # in every warp), and its own keys' shares of d1 = sum e^(s-m) and d2 = sum e^(s-m) u
+        state = cute.make_rmem_tensor((3, HB), Float32)
+        for j in cutlass.range_constexpr(HB):
+            state[0, j] = -Float32.inf
+            state[1, j] = 0.0
+            state[2, j] = 0.0
+        alpha = cute.make_rmem_tensor((HB,), Float32)
 
         read = pipeline.PipelineState(self.num_stages, wg, wg, Int32(0))
         for i in cutlass.range(wg_tiles, unroll=1):
@@ -254,60 +287,69 @@ class ParallaxDecodeSm90:
                     if (key < lo) | (key >= hi):
                         sV[idx % D, idx // D, stage] = self.dtype(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
 
-            # [S; U] = [Q; R] K^T
+            # S^T = K [Q; R]^T
             warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tSrQR, mode=[2])):
-                mma_qk.set(warpgroup.Field.ACCUMULATE, k != 0)
-                cute.gemm(mma_qk, acc_S, tSrQR[None, None, k], tSrK[None, None, k, stage], acc_S)
+            for k in cutlass.range_constexpr(cute.size(tSrK, mode=[2])):
+                mma_s.set(warpgroup.Field.ACCUMULATE, k != 0)
+                cute.gemm(mma_s, acc_S, tSrK[None, None, k, stage], tSrQR[None, None, k, 0],
+                          acc_S)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-            # online softmax on row 0 (s of head lane // 4) weighting row 1 (u of that head)
-            num_cols = cute.size(acc_S_mn, mode=[1])
+            # tile maximum of each head: over this thread's 2 keys, the warp, then the 4 warps
             if straddles:
-                for c in cutlass.range_constexpr(num_cols):
-                    key = key0 + tScS_mn[0, c][1]
-                    visible = (key >= lo) & (key < hi)
-                    acc_S_mn[0, c] = acc_S_mn[0, c] if visible else -Float32.inf
-                    acc_S_mn[1, c] = acc_S_mn[1, c] if visible else Float32(0.0)
-            tile_max = -Float32.inf
-            for c in cutlass.range_constexpr(num_cols):
-                tile_max = cute.arch.fmax(tile_max, acc_S_mn[0, c])
-            tile_max = _quad_allreduce(tile_max, cute.arch.fmax) * scale_log2
-            m_new = cute.arch.fmax(state[0], tile_max)
-            m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
-            alpha = cute.math.exp2(state[0] - m_safe, fastmath=True)
-            d1 = Float32(0.0)
-            d2 = Float32(0.0)
-            for c in cutlass.range_constexpr(num_cols):
-                p = cute.math.exp2(acc_S_mn[0, c] * scale_log2 - m_safe, fastmath=True)
-                pu = p * acc_S_mn[1, c]
-                d1 += p
-                d2 += pu
-                acc_S_mn[0, c] = p
-                acc_S_mn[1, c] = pu
-            state[0] = m_new
-            state[1] = state[1] * alpha + d1
-            state[2] = state[2] * alpha + d2
-            if wg_warp < 2:  # warps 2 and 3 accumulate nothing worth rescaling
-                for c in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[1])):
-                    acc_O_mn[0, c] = acc_O_mn[0, c] * alpha
-                    acc_O_mn[1, c] = acc_O_mn[1, c] * alpha
+                for row in cutlass.range_constexpr(2):
+                    key = key0 + tScS_mn[row, 0][0]
+                    if (key < lo) | (key >= hi):
+                        for c in cutlass.range_constexpr(2 * HB):
+                            acc_S_mn[row, c] = -Float32.inf if c % 2 == 0 else Float32(0.0)
+            for j in cutlass.range_constexpr(HB):
+                warp_max = _rows_allreduce(
+                    cute.arch.fmax(acc_S_mn[0, 2 * j], acc_S_mn[1, 2 * j]), cute.arch.fmax)
+                if lane < 4:
+                    sMax[wg, wg_warp, 4 * j + col_pair] = warp_max
+            cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
 
-            # [O1; O2] += [P; P*U] V: warp 0 feeds the 16-bit rounding, warp 1 the remainder
-            p_all = acc_S.load()
-            p_hi = p_all.to(self.dtype)
-            if wg_warp == 0:
-                rP.store(p_hi)
-            elif wg_warp == 1:
-                rP.store((p_all - p_hi.to(Float32)).to(self.dtype))
-            else:
-                rP.fill(0.0)
+            # online softmax: P and P*U of this thread's 2 keys into the P^T buffer, as 16-bit
+            # values and their rounding remainders
+            for j in cutlass.range_constexpr(HB):
+                tile_max = cute.arch.fmax(cute.arch.fmax(sMax[wg, 0, 4 * j + col_pair],
+                                                         sMax[wg, 1, 4 * j + col_pair]),
+                                          cute.arch.fmax(sMax[wg, 2, 4 * j + col_pair],
+                                                         sMax[wg, 3, 4 * j + col_pair]))
+                m_new = cute.arch.fmax(state[0, j], tile_max * scale_log2)
+                m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
+                alpha[j] = cute.math.exp2(state[0, j] - m_safe, fastmath=True)
+                state[0, j] = m_new
+                valid_head = 4 * j + col_pair < G
+                d1 = Float32(0.0)
+                d2 = Float32(0.0)
+                for row in cutlass.range_constexpr(2):
+                    key = tScS_mn[row, 0][0]
+                    p = cute.math.exp2(acc_S_mn[row, 2 * j] * scale_log2 - m_safe, fastmath=True)
+                    p = p if valid_head else Float32(0.0)
+                    pu = p * acc_S_mn[row, 2 * j + 1]
+                    d1 += p
+                    d2 += pu
+                    p_hi = p.to(self.dtype)
+                    pu_hi = pu.to(self.dtype)
+                    col = 8 * j + 2 * col_pair
+                    sP[col, key, wg] = p_hi
+                    sP[col + 1, key, wg] = pu_hi
+                    sP[col + NS, key, wg] = (p - p_hi.to(Float32)).to(self.dtype)
+                    sP[col + NS + 1, key, wg] = (pu - pu_hi.to(Float32)).to(self.dtype)
+                state[1, j] = state[1, j] * alpha[j] + d1
+                state[2, j] = state[2, j] * alpha[j] + d2
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
+
+            # O^T = O^T alpha + V^T P^T
+            for idx in cutlass.range_constexpr(cute.size(acc_O)):
+                acc_O[idx] = acc_O[idx] * alpha[(idx // 4) % HB]
             warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
-                cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrV[None, None, k, stage], acc_O)
+            for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
+                cute.gemm(mma_o, acc_O, tOrV[None, None, k, stage], tOrP[None, None, k, wg], acc_O)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             kv_pipeline.consumer_release(read)
@@ -320,48 +362,80 @@ class ParallaxDecodeSm90:
                     write.advance()
 
         # ---- epilogue: each warpgroup's partial state -> shared memory --------------------------
-        # rows 0..15 of the accumulator (warp 0) plus their remainders 16..31 (warp 1), padded by
-        # O_PAD floats per row against bank conflicts; warpgroup 0's in the K stages, 1's in V's
-        state[1] = _quad_allreduce(state[1], _add)
-        state[2] = _quad_allreduce(state[2], _add)
+        # O^T as (D, NO, warpgroup) fp32 over the K stages, padded by O_PAD floats per column
+        # against bank conflicts; m per head, d1 and d2 per warp and head.
+        for j in cutlass.range_constexpr(HB):
+            d1 = _rows_allreduce(state[1, j], _add)
+            d2 = _rows_allreduce(state[2, j], _add)
+            if lane < 4:
+                head = 4 * j + col_pair
+                sStat[wg, 1 + wg_warp, head] = d1
+                sStat[wg, 5 + wg_warp, head] = d2
+                if wg_warp == 0:
+                    sStat[wg, 0, head] = state[0, j]
         cute.arch.barrier()  # every warpgroup is done reading the stages
-        o_layout = cute.make_layout((MMA_ROWS, D), stride=(D + O_PAD, 1))
-        sO = (cute.make_tensor(cute.recast_ptr(sK.iterator, dtype=Float32), o_layout),
-              cute.make_tensor(cute.recast_ptr(sV.iterator, dtype=Float32), o_layout))
-        if wg_warp < 2:
-            if wg == 0:
-                thr_pv.partition_C(sO[0]).store(acc_O.load())
-            else:
-                thr_pv.partition_C(sO[1]).store(acc_O.load())
-        if wg_warp == 0 and lane % 4 == 0:
-            for j in cutlass.range_constexpr(3):
-                sStat[wg, j, lane // 4] = state[j]
+        o_stride = NO * (D + O_PAD)  # floats per warpgroup
+        sO = cute.make_tensor(cute.recast_ptr(sK.iterator, dtype=Float32), cute.make_layout(
+            (D, NO, W), stride=(1, D + O_PAD, o_stride)))
+        thr_o.partition_C(sO[None, None, wg]).store(acc_O.load())
         cute.arch.barrier()
 
-        # ---- merge the partial states of every warpgroup of every split ------------------------
-        # The splits of a (row, KV head) form one cluster; with several, each CTA merges a slice
-        # of the outputs, reading the other CTAs' shared memory (DSMEM).
+        # ---- this CTA's partial state: its warpgroups and the 16-bit parts merged -------------
+        # (O1, O2) per output element over the V stages, (m, d1, d2) per head
         threads = WARPGROUP_THREADS * W
+        sCta = cute.make_tensor(cute.recast_ptr(sV.iterator, dtype=Float32),
+                                cute.make_layout((2, G * D), stride=(G * D, 1)))
+        sCtaStat = storage.sCtaStat.get_tensor(cute.make_layout((3, MAX_GROUP),
+                                                                stride=(MAX_GROUP, 1)))
+        for j in cutlass.range_constexpr((G * D + threads - 1) // threads):
+            idx = j * threads + tidx
+            if idx < G * D:
+                merged = _EMPTY_STATE
+                for w in cutlass.range_constexpr(W):
+                    merged = _merge(merged, _warpgroup_state(
+                        sO.iterator + w * o_stride, sStat.iterator + w * STAT_ROWS * MAX_GROUP,
+                        idx // D, idx % D, D + O_PAD, NS))
+                sCta[0, idx] = merged[3]
+                sCta[1, idx] = merged[4]
+                if idx % D == 0:
+                    for f in cutlass.range_constexpr(3):
+                        sCtaStat[f, idx // D] = merged[f]
+        cute.arch.barrier()
+
+        # ---- merge the partial states of every split ------------------------------------------
+        # The splits of a (row, KV head) form one cluster. Each CTA merges a slice of the outputs
+        # over the cluster, reading the other CTAs' shared memory (DSMEM): a group of `lanes`
+        # lanes per output element, a lane per CTA, combined by butterfly shuffles.
+        lanes = 1 << (S - 1).bit_length()  # splits, to a power of 2
+        per_pass = threads // lanes
         slice_size = (G * D + S - 1) // S
+        peer = tidx % lanes
         if cutlass.const_expr(S > 1):
-            cute.arch.cluster_arrive()  # release: this CTA's partial states are complete
+            cute.arch.cluster_arrive()  # release: this CTA's partial state is complete
             cute.arch.cluster_wait()
-        for j in cutlass.range_constexpr((slice_size + threads - 1) // threads):
-            idx = split * slice_size + j * threads + tidx
-            if (j * threads + tidx < slice_size) & (idx < G * D):
-                head, col = idx // D, idx % D
-                merged = (-Float32.inf, Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0))
-                for peer in cutlass.range_constexpr(S):
-                    for w in cutlass.range_constexpr(W):
-                        o_ptr = sO[w].iterator
-                        stat_ptr = sStat.iterator + w * 3 * MAX_GROUP
-                        if cutlass.const_expr(S > 1):
-                            o_ptr = cute.arch.map_dsmem_ptr(o_ptr, peer)
-                            stat_ptr = cute.arch.map_dsmem_ptr(stat_ptr, peer)
-                        merged = _merge(merged, _partial_state(o_ptr, stat_ptr, head, col,
-                                                               D + O_PAD))
+        for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
+            offset = j * per_pass + tidx // lanes
+            idx = cutlass.min(split * slice_size + offset, G * D - 1)
+            m, d1, d2, o1, o2 = _EMPTY_STATE
+            if peer < S:
+                o_ptr = sCta.iterator + idx
+                stat_ptr = sCtaStat.iterator + idx // D
+                if cutlass.const_expr(S > 1):
+                    o_ptr = cute.arch.map_dsmem_ptr(o_ptr, peer)
+                    stat_ptr = cute.arch.map_dsmem_ptr(stat_ptr, peer)
+                m = stat_ptr.load()
+                d1 = (stat_ptr + MAX_GROUP).load()
+                d2 = (stat_ptr + 2 * MAX_GROUP).load()
+                o1 = o_ptr.load()
+                o2 = (o_ptr + G * D).load()
+            merged = (m, d1, d2, o1, o2)
+            for k in cutlass.range_constexpr(lanes.bit_length() - 1):
+                merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
+                                              for x in merged))
+            in_slice = (offset < slice_size) & (split * slice_size + offset < G * D)
+            if in_slice & (peer == 0):
                 _, d1, d2, o1, o2 = merged
-                mOut[batch_idx, kv_head * G + head, col] = _finalize(d1, d2, o1, o2).to(
+                mOut[batch_idx, kv_head * G + idx // D, idx % D] = _finalize(d1, d2, o1, o2).to(
                     self.dtype)
         if cutlass.const_expr(S > 1):  # keep this CTA's shared memory alive until every peer has read it
             cute.arch.cluster_arrive_relaxed()
@@ -387,44 +461,46 @@ def _add(a, b):
     return a + b
 
 
-def _quad_allreduce(value, op):
-    """Reduce over the 4 lanes that share an accumulator row (lanes 4r .. 4r + 3)."""
-    value = op(value, cute.arch.shuffle_sync_bfly(value, offset=2))
-    return op(value, cute.arch.shuffle_sync_bfly(value, offset=1))
+def _rows_allreduce(value, op):
+    """Reduce over the 8 lanes that hold the same accumulator columns (lanes t, t + 4, ...)."""
+    for offset in (4, 8, 16):
+        value = op(value, cute.arch.shuffle_sync_bfly(value, offset=offset))
+    return value
 
 
 def _mn_view(acc):
     """View an m64nN WGMMA accumulator fragment ((2 cols, 2 rows, N/8), 1, 1) as (rows, cols):
-    row 0 is row lane // 4 of the warp's 16-row band, row 1 is row lane // 4 + 8."""
+    row 0 is row lane // 4 of the warp's 16-row band, row 1 is row lane // 4 + 8; column 2j + c
+    is column 8j + 2 (lane % 4) + c."""
     shape, stride = acc.layout.shape[0], cute.make_layout(acc.layout.shape).stride[0]
+    if cutlass.const_expr(len(shape) == 2):  # N = 8: the block mode is absent
+        shape, stride = (*shape, 1), (*stride, 0)
     mn = cute.make_layout(((shape[1]), (shape[0], shape[2])),
                           stride=((stride[1]), (stride[0], stride[2])))
     return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
 
 
-def _acc_as_operand_a(frag, tiled_mma):
-    """Reuse an m64nN accumulator fragment ((2, 2, N/8), 1, 1) as the register A operand of N/16
-    k16 WGMMAs of `tiled_mma` (the register layouts coincide: FlashAttention-3's trick)."""
-    (cols, rows, groups), (s_cols, s_rows, s_groups) = frag.layout.shape[0], frag.layout.stride[0]
-    value_shape = tiled_mma.tv_layout_A.shape[1]
-    assert cute.size(value_shape) == 2 * cols * rows
-    layout = cute.make_layout(((cols, rows, 2), 1, groups // 2),
-                              stride=((s_cols, s_rows, s_groups), 0, 2 * s_groups))
-    return cute.make_tensor(frag.iterator, layout)
-
-
 @cute.jit
-def _partial_state(o_ptr: cute.Pointer, stat_ptr: cute.Pointer, head: Int32, col: Int32,
-                   row_stride: cutlass.Constexpr):
-    """One CTA's (m, d1, d2, O1, O2) of (head, column), read through pointers so that a peer's
-    shared memory (DSMEM) reads the same way: the (32, D) fp32 accumulator rows hold the 16-bit
-    part of P (and P*U) in rows 0..15 and the remainder's in rows 16..31; stat is (3, 8)."""
-    def o(row):
-        return (o_ptr + row * row_stride + col).load()
-    o1 = o(head) + o(16 + head)
-    o2 = o(MAX_GROUP + head) + o(16 + MAX_GROUP + head)
-    return ((stat_ptr + head).load(), (stat_ptr + MAX_GROUP + head).load(),
-            (stat_ptr + 2 * MAX_GROUP + head).load(), o1, o2)
+def _warpgroup_state(o_ptr: cute.Pointer, stat_ptr: cute.Pointer, head: Int32, col: Int32,
+                   row_stride: cutlass.Constexpr, lo_offset: cutlass.Constexpr):
+    """One warpgroup's (m, d1, d2, O1, O2) of (head, column) from shared memory: O^T is (D, NO)
+    fp32 with column stride
+    `row_stride`, P's 16-bit part of head h in column 8 (h // 4) + 2 (h % 4) (P*U's next to it)
+    and the remainders `lo_offset` columns on; stat is (STAT_ROWS, 8)."""
+    def o(c):
+        return (o_ptr + c * row_stride + col).load()
+
+    def stat(row):
+        return (stat_ptr + row * MAX_GROUP + head).load()
+    c = 8 * (head // 4) + 2 * (head % 4)
+    o1 = o(c) + o(c + lo_offset)
+    o2 = o(c + 1) + o(c + lo_offset + 1)
+    d1 = stat(1) + stat(2) + stat(3) + stat(4)
+    d2 = stat(5) + stat(6) + stat(7) + stat(8)
+    return (stat(0), d1, d2, o1, o2)
+
+
+_EMPTY_STATE = (-Float32.inf, Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0))
 
 
 @cute.jit

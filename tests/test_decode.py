@@ -179,7 +179,8 @@ def test_gpu_graph_replay_with_new_lengths(backend):
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_splits, warpgroups", [(1, 1), (1, 2), (3, 1), (3, 2), (8, 2)])
+@pytest.mark.parametrize("num_splits, warpgroups", [(1, 1), (1, 2), (3, 1), (3, 2), (6, 2), (8, 1),
+                                                    (8, 2)])
 @pytest.mark.parametrize("window", [None, 100])
 def test_gpu_cute_split_counts(num_splits, warpgroups, window):
     """Every cluster size and warpgroup count merges right, including splits that get no tile
