@@ -18,10 +18,12 @@ tiles:
   rounding of P*U alone costs ~1% at short cache lengths), and O^T += V^T P^T accumulates
   [O1 O2] of every head on the head dimension (M) in a few registers per thread. The online
   softmax state m, d1 = sum e^(s-m), d2 = sum e^(s-m) u lives in registers;
-- the splits of a (row, KV head) form one thread-block cluster: every CTA merges its
-  warpgroups' partial states into one in shared memory, and after a cluster barrier each CTA
-  merges a slice of the outputs over all of them through distributed shared memory, a lane per
-  CTA. A decode step is one launch, with no workspace and no global atomics.
+- the splits of a (row, KV head) form one thread-block cluster, and each split merges a slice
+  of the outputs: every CTA merges its warpgroups' partial states per output element and
+  pushes them into the shared memory of the split that owns the element (distributed shared
+  memory stores, then an arrival on that CTA's mbarrier), so a CTA waits only for the pushes
+  it needs and the kernel ends without a cluster-wide barrier. A decode step is one launch,
+  with no workspace and no global atomics.
 
 TMA reads whole tiles, so a tile that straddles the visible range [lo, hi) also brings in keys
 past the cache length: their scores are masked to -inf and their probes to 0, and their V rows
@@ -42,6 +44,7 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
+from cutlass._mlir.dialects import nvvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
@@ -82,6 +85,7 @@ class ParallaxDecodeSm90:
         self.head_blocks = (group + 3) // 4
         self.score_cols = 8 * self.head_blocks
         self.out_cols = 2 * self.score_cols
+        self.slice_size = (group * head_dim + num_splits - 1) // num_splits  # outputs per split
         # stages of all warpgroups together: warpgroup w owns the stages s with s % W == w
         stages = STAGE_BYTES[warpgroups] // (2 * TILE_KEYS * head_dim * (dtype.width // 8))
         self.num_stages = stages // warpgroups * warpgroups
@@ -137,6 +141,7 @@ class ParallaxDecodeSm90:
             cpasync.CopyBulkTensorTileG2SOp(), mVt, cute.slice_(sV_layout, (None, None, 0)),
             (D, T))
         tile_bytes = 2 * T * D * (self.dtype.width // 8)  # K and V of one stage
+        slice_size = self.slice_size
 
         @cute.struct
         class SharedStorage:
@@ -149,7 +154,10 @@ class ParallaxDecodeSm90:
             # warp, of each head
             sMax: cute.struct.MemRange[Float32, self.warpgroups * 4 * MAX_GROUP]
             sStat: cute.struct.MemRange[Float32, self.warpgroups * STAT_ROWS * MAX_GROUP]
-            sCtaStat: cute.struct.MemRange[Float32, 3 * MAX_GROUP]  # (m, d1, d2) of the CTA
+            # the split's slice of the outputs as every split's partial state (m, d1, d2, O1, O2)
+            # per element, pushed by the other CTAs of the cluster, and its arrival barrier
+            sMerge: cute.struct.MemRange[Float32, S * 5 * slice_size if S > 1 else 1]
+            merge_barrier: cute.struct.MemRange[Int64, 1]
 
         # the epilogue reuses the K stages for the fp32 accumulators O^T of the warpgroups
         assert self.warpgroups * NO * (D + O_PAD) * 4 <= cute.cosize(sK_layout) * (
@@ -193,6 +201,14 @@ class ParallaxDecodeSm90:
             (W, 4, MAX_GROUP), stride=(4 * MAX_GROUP, MAX_GROUP, 1)))
         sStat = storage.sStat.get_tensor(cute.make_layout(
             (W, STAT_ROWS, MAX_GROUP), stride=(STAT_ROWS * MAX_GROUP, MAX_GROUP, 1)))
+        # The merge barrier completes when every split has pushed its partial state of each
+        # element of this split's slice (one arrival per element and split).
+        slice_size = self.slice_size
+        merge_barrier = storage.merge_barrier.data_ptr()
+        if cutlass.const_expr(S > 1):
+            if tidx == 0:
+                slice_elements = cutlass.min(slice_size, G * D - split * slice_size)
+                cute.arch.mbarrier_init(merge_barrier, S * slice_elements)
         # warpgroup w consumes tiles w, w + W, ... of the split from its own stages; its warp 0
         # arms each stage and issues the TMA loads, each of its 4 warps releases the stage
         kv_pipeline = pipeline.PipelineTmaAsync.create(
@@ -200,6 +216,8 @@ class ParallaxDecodeSm90:
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),
             tx_count=tile_bytes)
+        if cutlass.const_expr(S > 1):  # the merge barriers are initialized cluster-wide before
+            cute.arch.cluster_arrive_relaxed()  # the first push (cluster_wait in the epilogue)
         wg = warp_idx // 4
         wg_tidx = tidx % WARPGROUP_THREADS
         wg_warp = warp_idx % 4
@@ -380,13 +398,16 @@ class ParallaxDecodeSm90:
         thr_o.partition_C(sO[None, None, wg]).store(acc_O.load())
         cute.arch.barrier()
 
-        # ---- this CTA's partial state: its warpgroups and the 16-bit parts merged -------------
-        # (O1, O2) per output element over the V stages, (m, d1, d2) per head
+        # ---- this CTA's partial state, its warpgroups and 16-bit parts merged, per element -----
+        # With one split it is the output. Otherwise the elements are dealt out to the splits of
+        # the cluster in slices, and each CTA pushes its state of every element into the shared
+        # memory of the split that merges it (DSMEM stores, then an arrival on that CTA's merge
+        # barrier with release semantics at cluster scope): no cluster-wide barrier at the end.
         threads = WARPGROUP_THREADS * W
-        sCta = cute.make_tensor(cute.recast_ptr(sV.iterator, dtype=Float32),
-                                cute.make_layout((2, G * D), stride=(G * D, 1)))
-        sCtaStat = storage.sCtaStat.get_tensor(cute.make_layout((3, MAX_GROUP),
-                                                                stride=(MAX_GROUP, 1)))
+        sMerge = storage.sMerge.get_tensor(cute.make_layout(
+            (S, 5, slice_size), stride=(5 * slice_size, slice_size, 1)))
+        if cutlass.const_expr(S > 1):
+            cute.arch.cluster_wait()
         for j in cutlass.range_constexpr((G * D + threads - 1) // threads):
             idx = j * threads + tidx
             if idx < G * D:
@@ -395,51 +416,41 @@ class ParallaxDecodeSm90:
                     merged = _merge(merged, _warpgroup_state(
                         sO.iterator + w * o_stride, sStat.iterator + w * STAT_ROWS * MAX_GROUP,
                         idx // D, idx % D, D + O_PAD, NS))
-                sCta[0, idx] = merged[3]
-                sCta[1, idx] = merged[4]
-                if idx % D == 0:
-                    for f in cutlass.range_constexpr(3):
-                        sCtaStat[f, idx // D] = merged[f]
-        cute.arch.barrier()
+                if cutlass.const_expr(S == 1):
+                    _, d1, d2, o1, o2 = merged
+                    mOut[batch_idx, kv_head * G + idx // D, idx % D] = _finalize(
+                        d1, d2, o1, o2).to(self.dtype)
+                else:
+                    owner = idx // slice_size
+                    dst = cute.arch.map_dsmem_ptr(
+                        sMerge.iterator + split * 5 * slice_size + idx % slice_size, owner)
+                    for f in cutlass.range_constexpr(5):
+                        (dst + f * slice_size).store(merged[f])
+                    cute.arch.mbarrier_arrive(merge_barrier, peer_cta_rank_in_cluster=owner,
+                                              scope=nvvm.MemScopeKind.CLUSTER)
 
-        # ---- merge the partial states of every split ------------------------------------------
-        # The splits of a (row, KV head) form one cluster. Each CTA merges a slice of the outputs
-        # over the cluster, reading the other CTAs' shared memory (DSMEM): a group of `lanes`
-        # lanes per output element, a lane per CTA, combined by butterfly shuffles.
-        lanes = 1 << (S - 1).bit_length()  # splits, to a power of 2
-        per_pass = threads // lanes
-        slice_size = (G * D + S - 1) // S
-        peer = tidx % lanes
+        # ---- merge this split's slice over the splits: `lanes` lanes per element, a lane per
+        # split, combined by butterfly shuffles --------------------------------------------------
         if cutlass.const_expr(S > 1):
-            cute.arch.cluster_arrive()  # release: this CTA's partial state is complete
-            cute.arch.cluster_wait()
-        for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
-            offset = j * per_pass + tidx // lanes
-            idx = cutlass.min(split * slice_size + offset, G * D - 1)
-            m, d1, d2, o1, o2 = _EMPTY_STATE
-            if peer < S:
-                o_ptr = sCta.iterator + idx
-                stat_ptr = sCtaStat.iterator + idx // D
-                if cutlass.const_expr(S > 1):
-                    o_ptr = cute.arch.map_dsmem_ptr(o_ptr, peer)
-                    stat_ptr = cute.arch.map_dsmem_ptr(stat_ptr, peer)
-                m = stat_ptr.load()
-                d1 = (stat_ptr + MAX_GROUP).load()
-                d2 = (stat_ptr + 2 * MAX_GROUP).load()
-                o1 = o_ptr.load()
-                o2 = (o_ptr + G * D).load()
-            merged = (m, d1, d2, o1, o2)
-            for k in cutlass.range_constexpr(lanes.bit_length() - 1):
-                merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
-                                              for x in merged))
-            in_slice = (offset < slice_size) & (split * slice_size + offset < G * D)
-            if in_slice & (peer == 0):
-                _, d1, d2, o1, o2 = merged
-                mOut[batch_idx, kv_head * G + idx // D, idx % D] = _finalize(d1, d2, o1, o2).to(
-                    self.dtype)
-        if cutlass.const_expr(S > 1):  # keep this CTA's shared memory alive until every peer has read it
-            cute.arch.cluster_arrive_relaxed()
-            cute.arch.cluster_wait()
+            lanes = 1 << (S - 1).bit_length()  # splits, to a power of 2
+            per_pass = threads // lanes
+            source = tidx % lanes
+            cute.arch.mbarrier_wait(merge_barrier, 0)
+            cute.arch.fence_acq_rel_cluster()
+            for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
+                offset = cutlass.min(j * per_pass + tidx // lanes, slice_size - 1)
+                idx = split * slice_size + offset
+                m, d1, d2, o1, o2 = _EMPTY_STATE
+                if source < S:
+                    m, d1, d2, o1, o2 = (sMerge[source, f, offset] for f in range(5))
+                merged = (m, d1, d2, o1, o2)
+                for k in cutlass.range_constexpr(lanes.bit_length() - 1):
+                    merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
+                                                  for x in merged))
+                if (j * per_pass + tidx // lanes < slice_size) & (idx < G * D) & (source == 0):
+                    _, d1, d2, o1, o2 = merged
+                    mOut[batch_idx, kv_head * G + idx // D, idx % D] = _finalize(
+                        d1, d2, o1, o2).to(self.dtype)
 
     @cute.jit
     def load_tile(self, kv_pipeline: pipeline.PipelineTmaAsync, write: pipeline.PipelineState,
