@@ -182,6 +182,7 @@ class ParallaxDecodeSm90:
                SharedStorage: cutlass.Constexpr):
         D, G, S, T, W = self.head_dim, self.group, self.num_splits, TILE_KEYS, self.warpgroups
         HB, NS, NO = self.head_blocks, self.score_cols, self.out_cols
+        threads = WARPGROUP_THREADS * W
         tidx, _, _ = cute.arch.thread_idx()
         split, kv_head, batch_idx = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -258,9 +259,8 @@ class ParallaxDecodeSm90:
 
         # [Q; R]: column 8j + 2t is q of head 4j + t, column 8j + 2t + 1 its r (zeros for
         # heads past the group)
-        for i in cutlass.range_constexpr((NS * D + WARPGROUP_THREADS * W - 1)
-                                         // (WARPGROUP_THREADS * W)):
-            idx = i * WARPGROUP_THREADS * W + tidx
+        for i in cutlass.range_constexpr((NS * D + threads - 1) // threads):
+            idx = i * threads + tidx
             if idx < NS * D:
                 col, d = idx // D, idx % D
                 head = 4 * (col // 8) + (col % 8) // 2
@@ -403,10 +403,9 @@ class ParallaxDecodeSm90:
         # the cluster in slices, and each CTA pushes its state of every element into the shared
         # memory of the split that merges it (DSMEM stores, then an arrival on that CTA's merge
         # barrier with release semantics at cluster scope): no cluster-wide barrier at the end.
-        threads = WARPGROUP_THREADS * W
-        sMerge = storage.sMerge.get_tensor(cute.make_layout(
-            (S, 5, slice_size), stride=(5 * slice_size, slice_size, 1)))
         if cutlass.const_expr(S > 1):
+            sMerge = storage.sMerge.get_tensor(cute.make_layout(
+                (S, 5, slice_size), stride=(5 * slice_size, slice_size, 1)))
             cute.arch.cluster_wait()
         for j in cutlass.range_constexpr((G * D + threads - 1) // threads):
             idx = j * threads + tidx
@@ -438,7 +437,8 @@ class ParallaxDecodeSm90:
             cute.arch.mbarrier_wait(merge_barrier, 0)
             cute.arch.fence_acq_rel_cluster()
             for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
-                offset = cutlass.min(j * per_pass + tidx // lanes, slice_size - 1)
+                position = j * per_pass + tidx // lanes
+                offset = cutlass.min(position, slice_size - 1)  # in bounds for the idle lanes
                 idx = split * slice_size + offset
                 m, d1, d2, o1, o2 = _EMPTY_STATE
                 if source < S:
@@ -447,7 +447,7 @@ class ParallaxDecodeSm90:
                 for k in cutlass.range_constexpr(lanes.bit_length() - 1):
                     merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
                                                   for x in merged))
-                if (j * per_pass + tidx // lanes < slice_size) & (idx < G * D) & (source == 0):
+                if (position < slice_size) & (idx < G * D) & (source == 0):
                     _, d1, d2, o1, o2 = merged
                     mOut[batch_idx, kv_head * G + idx // D, idx % D] = _finalize(
                         d1, d2, o1, o2).to(self.dtype)
