@@ -6,8 +6,9 @@ warpgroups, each an independent pipeline over its share (every other tile) of th
 tiles:
 
 - the warpgroup's warp 0 streams its K and V tiles into shared memory with TMA, through an
-  mbarrier pipeline (two stages per warpgroup and one CTA per SM with two warpgroups; three
-  stages and two CTAs per SM with one, for batches with more (row, KV head) pairs than SMs);
+  mbarrier pipeline (at D = 128: two stages per warpgroup and one CTA per SM with two
+  warpgroups; two stages and up to three CTAs per SM with one, for batches with more (row,
+  KV head) pairs than SMs);
 - the warpgroup runs both products as warpgroup MMAs (WGMMA) with the keys on the MMA's M and
   the query group on its narrow N, both operands from shared memory: S^T = K [Q; R]^T gives
   the score s = q.k and the probe u = r.k of every (key, head) in one m64n8 (up to 4 heads) or
@@ -53,10 +54,11 @@ TILE_KEYS = 64  # keys per pipeline stage
 MAX_GROUP = 8  # q heads per KV head
 WARPGROUP_THREADS = 128
 # Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (more
-# stages measured no faster, and two CTAs per SM would let the scheduler pack a cluster onto half
+# stages measured slower, and two CTAs per SM would let the scheduler pack a cluster onto half
 # as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, for batches
-# with more (row, KV head) pairs than SMs: two CTAs per SM, so all CTAs are resident at once.
-STAGE_BYTES = {1: 96 * 1024, 2: 128 * 1024}
+# with more (row, KV head) pairs than SMs: up to three CTAs per SM, so all CTAs are resident at
+# once and every SM gets some (two stages of 64 keys at D = 128 measured faster than three).
+STAGE_BYTES = {1: 64 * 1024, 2: 128 * 1024}
 # The portable cluster size. 16 CTAs per (row, KV head) measured slower both as one cluster (not
 # every GPC holds 16) and as two clusters joined through global memory (the join costs more
 # than the extra SMs bring).
@@ -553,7 +555,7 @@ def choose_num_splits(batch, kv_heads, max_len, device):
 
 def choose_warpgroups(batch, kv_heads, device):
     """Two warpgroups per CTA (one CTA per SM) unless there are more (row, KV head) pairs than
-    SMs: then one, so that two CTAs share an SM and every CTA is resident from the start."""
+    SMs: then one, so that several CTAs share an SM and every CTA is resident from the start."""
     return 1 if batch * kv_heads > num_sms(device) else 2
 
 

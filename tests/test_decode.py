@@ -179,6 +179,23 @@ def test_gpu_graph_replay_with_new_lengths(backend):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["cute", "triton"])
+@pytest.mark.parametrize("ramp", ["steep", "gentle", "falling"])
+def test_gpu_moving_maximum(backend, ramp):
+    """Keys scaled along the cache: scores that grow tile after tile move the running maximum
+    (and rescale the partial output) again and again, scores that shrink never after the
+    first tile."""
+    q, r, k, v, seqlens = make_inputs([4096, 700, 64], 2, 4, 128, torch.bfloat16, "cuda", seed=5)
+    position = torch.arange(k.shape[1], device="cuda", dtype=torch.float32).view(1, -1, 1, 1)
+    scale = {"steep": 1 + position / 32, "gentle": 0.5 + position / 1024,
+             "falling": 1 + position.flip(1) / 32}[ramp]
+    k = (k.float() * scale).to(k.dtype)
+    out = gpu_decode(backend)(q, r, k, v, seqlens)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, reference(q, r, k, v, seqlens)) <= 1e-2
+
+
+@needs_cuda
 @pytest.mark.parametrize("num_splits, warpgroups", [(1, 1), (1, 2), (3, 1), (3, 2), (6, 2), (8, 1),
                                                     (8, 2)])
 @pytest.mark.parametrize("window", [None, 100])
