@@ -215,6 +215,33 @@ def test_gpu_cute_split_counts(num_splits, warpgroups, window):
 
 
 @needs_cuda
+@pytest.mark.parametrize("group, head_dim, dtype, window, num_splits, warpgroups", [
+    (1, 128, torch.bfloat16, None, 1, 1),
+    (2, 64, torch.float16, 100, 1, 2),
+    (4, 128, torch.bfloat16, 7, 3, 2),
+    (1, 64, torch.bfloat16, 33, 8, 1),
+])
+def test_gpu_cute_paired_heads(group, head_dim, dtype, window, num_splits, warpgroups):
+    """Two KV heads per CTA with their rows interleaved in a tile: every q head sees only its
+    own KV head's keys, at odd lengths and windows, under splits and both warpgroup counts."""
+    if not HOPPER:
+        pytest.skip("the CuTe DSL kernel targets SM90")
+    import parallax_decode_cute
+    q, r, k, v, seqlens = make_inputs([1, 63, 64, 65, 1000, 4099], 4, group, head_dim, dtype,
+                                      "cuda", seed=group)  # the last tile runs past the cache
+    k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))
+    out = parallax_decode_cute.parallax_decode_cute(
+        q, r, k, v, seqlens, window, head_dim ** -0.5, torch.empty_like(q),
+        num_splits=num_splits, warpgroups=warpgroups, paired=True)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, reference(q, r, k, v, seqlens, window)) <= 1e-2
+    q3, r3, k3, v3, seqlens3 = make_inputs([5], 3, 1, head_dim, dtype, "cuda")
+    with pytest.raises(ValueError, match="even KV head count"):
+        parallax_decode_cute.parallax_decode_cute(q3, r3, k3, v3, seqlens3, None, 1.0,
+                                                  torch.empty_like(q3), paired=True)
+
+
+@needs_cuda
 def test_gpu_public_api_backend():
     expected = "cute" if HOPPER else "triton"
     assert decode_backend("cuda") == expected
