@@ -584,15 +584,15 @@ def choose_warpgroups(batch, kv_heads, paired, device):
 
 
 def choose_pairing(batch, kv_heads, group, device):
-    """Pair adjacent KV heads in one CTA where decode streams the cache from DRAM: with more
-    (row, KV head) pairs than SMs, and enough that the pairs' CTAs still cover two thirds of
-    the SMs. Measured with 8 KV heads at L = 16384: batch 32 paired 0.9% faster on the H200
-    and 0.1-1% on H100s, batch 24 0.6% faster on the H200; batch 20 (80 paired CTAs) no
-    faster on the H200, and 2% slower on the H100 with one warpgroup per CTA. It needs an
-    even KV head count and at most 4 q heads per KV head (the pair's q heads share the
-    kernel's 8 columns of heads)."""
-    return (kv_heads % 2 == 0 and group <= MAX_GROUP // 2
-            and 3 * batch * kv_heads >= 4 * num_sms(device))
+    """Pair adjacent KV heads in one CTA where decode streams the cache from DRAM: one q head per
+    KV head, with more (row, KV head) pairs than SMs, and enough that the pairs' CTAs still
+    cover two thirds of the SMs. Measured with 8 KV heads at L = 16384: batch 32 paired 0.9%
+    faster on the H200 and 0.1-1% on H100s, batch 24 0-0.6% on the H200; batch 20 (80 paired
+    CTAs) no faster on the H200, and 2% slower on the H100 with one warpgroup per CTA. With
+    grouped queries pairing did not pay on the H200 (2 q heads per KV head: 0.8% slower; 4:
+    1.8% slower at L = 4096, 1-1.7% faster at 16384), so it is left to the `paired` override
+    (even KV head count, at most 4 q heads per KV head)."""
+    return group == 1 and kv_heads % 2 == 0 and 3 * batch * kv_heads >= 4 * num_sms(device)
 
 
 def _ptr(t, dtype, align):
