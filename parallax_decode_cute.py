@@ -26,10 +26,12 @@ split's 64-row tiles:
   softmax state m, d1 = sum e^(s-m), d2 = sum e^(s-m) u lives in registers;
 - the splits of a (row, KV head or pair) form one thread-block cluster, and each split merges
   a slice of the outputs: every CTA merges its warpgroups' partial states per output element
-  and pushes them into the shared memory of the split that owns the element (distributed
-  shared memory stores, then an arrival on that CTA's mbarrier), so a CTA waits only for the
-  pushes it needs and the kernel ends without a cluster-wide barrier. A decode step is one
-  launch, with no workspace and no global atomics.
+  and pushes them into the shared memory of the split that owns the element (asynchronous
+  distributed shared memory stores, st.async, whose bytes complete a transaction count on that
+  CTA's mbarrier: no fence on either side, 0.4-0.9 us per call faster than plain stores with a
+  cluster-scope release arrival and acquire fence), so a CTA waits only for the pushes it
+  needs and the kernel ends without a cluster-wide barrier. A decode step is one launch, with
+  no workspace and no global atomics.
 
 TMA reads whole tiles, so a tile that straddles the visible range [lo, hi) also brings in keys
 past the cache length: their scores are masked to -inf and their probes to 0, and their V rows
@@ -50,7 +52,6 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
-from cutlass._mlir.dialects import nvvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
@@ -172,7 +173,7 @@ class ParallaxDecodeSm90:
             sMax: cute.struct.MemRange[Float32, self.warpgroups * 4 * MAX_GROUP]
             sStat: cute.struct.MemRange[Float32, self.warpgroups * STAT_ROWS * MAX_GROUP]
             # the split's slice of the outputs as every split's partial state (m, d1, d2, O1, O2)
-            # per element, pushed by the other CTAs of the cluster, and its arrival barrier
+            # per element, pushed by the CTAs of the cluster, and the barrier counting its bytes
             sMerge: cute.struct.MemRange[Float32, S * 5 * slice_size if S > 1 else 1]
             merge_barrier: cute.struct.MemRange[Int64, 1]
 
@@ -222,13 +223,14 @@ class ParallaxDecodeSm90:
         sStat = storage.sStat.get_tensor(cute.make_layout(
             (W, STAT_ROWS, MAX_GROUP), stride=(STAT_ROWS * MAX_GROUP, MAX_GROUP, 1)))
         # The merge barrier completes when every split has pushed its partial state of each
-        # element of this split's slice (one arrival per element and split).
+        # element of this split's slice: one arrival, here, that expects all their bytes.
         slice_size = self.slice_size
         merge_barrier = storage.merge_barrier.data_ptr()
         if cutlass.const_expr(S > 1):
             if tidx == 0:
                 slice_elements = cutlass.min(slice_size, G * D - split * slice_size)
-                cute.arch.mbarrier_init(merge_barrier, S * slice_elements)
+                cute.arch.mbarrier_init(merge_barrier, 1)
+                cute.arch.mbarrier_arrive_and_expect_tx(merge_barrier, S * slice_elements * 5 * 4)
         # warpgroup w consumes tiles w, w + W, ... of the split from its own stages; its warp 0
         # arms each stage and issues the TMA loads, each of its 4 warps releases the stage
         kv_pipeline = pipeline.PipelineTmaAsync.create(
@@ -426,8 +428,8 @@ class ParallaxDecodeSm90:
         # ---- this CTA's partial state, its warpgroups and 16-bit parts merged, per element -----
         # With one split it is the output. Otherwise the elements are dealt out to the splits of
         # the cluster in slices, and each CTA pushes its state of every element into the shared
-        # memory of the split that merges it (DSMEM stores, then an arrival on that CTA's merge
-        # barrier with release semantics at cluster scope): no cluster-wide barrier at the end.
+        # memory of the split that merges it (st.async stores counted by that CTA's merge
+        # barrier): no cluster-wide barrier at the end.
         if cutlass.const_expr(S > 1):
             sMerge = storage.sMerge.get_tensor(cute.make_layout(
                 (S, 5, slice_size), stride=(5 * slice_size, slice_size, 1)))
@@ -446,12 +448,10 @@ class ParallaxDecodeSm90:
                         d1, d2, o1, o2).to(self.dtype)
                 else:
                     owner = idx // slice_size
-                    dst = cute.arch.map_dsmem_ptr(
-                        sMerge.iterator + split * 5 * slice_size + idx % slice_size, owner)
+                    slot = sMerge.iterator + split * 5 * slice_size + idx % slice_size
                     for f in cutlass.range_constexpr(5):
-                        (dst + f * slice_size).store(merged[f])
-                    cute.arch.mbarrier_arrive(merge_barrier, peer_cta_rank_in_cluster=owner,
-                                              scope=nvvm.MemScopeKind.CLUSTER)
+                        cute.arch.store_async_dsmem(slot + f * slice_size,
+                                                    merged[f].bitcast(Int32), merge_barrier, owner)
 
         # ---- merge this split's slice over the splits: `lanes` lanes per element, a lane per
         # split, combined by butterfly shuffles --------------------------------------------------
@@ -460,7 +460,6 @@ class ParallaxDecodeSm90:
             per_pass = threads // lanes
             source = tidx % lanes
             cute.arch.mbarrier_wait(merge_barrier, 0)
-            cute.arch.fence_acq_rel_cluster()
             for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
                 position = j * per_pass + tidx // lanes
                 offset = cutlass.min(position, slice_size - 1)  # in bounds for the idle lanes
