@@ -61,9 +61,9 @@ MAX_GROUP = 8  # q heads per KV head
 WARPGROUP_THREADS = 128
 # Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (more
 # stages measured slower, and two CTAs per SM would let the scheduler pack a cluster onto half
-# as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, for batches
-# with more (row, KV head) pairs than SMs: up to three CTAs per SM, so all CTAs are resident at
-# once and every SM gets some (two stages of 64 keys at D = 128 measured faster than three).
+# as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, when a
+# split's CTAs outnumber the SMs: up to three CTAs per SM, so all CTAs are resident at once and
+# every SM gets some (two stages of 64 rows at D = 128 measured faster than three).
 STAGE_BYTES = {1: 64 * 1024, 2: 128 * 1024}
 # The portable cluster size. 16 CTAs per (row, KV head) measured slower both as one cluster (not
 # every GPC holds 16) and as two clusters joined through global memory (the join costs more
