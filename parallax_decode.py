@@ -44,8 +44,8 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens, *, window=None, scale
     (a captured step can then be replayed with new lengths without any sync).
 
     The kernels compile on the first call per (dtype, head dim, head ratio; for the CuTe DSL
-    kernel also the split count, which follows from B, Hkv and Lmax): make one call before
-    capturing a graph.
+    kernel also the split count, warpgroups and KV head pairing, which follow from B, Hq, Hkv
+    and Lmax): make one call before capturing a graph.
     """
     backend = decode_backend(q.device) if isinstance(q, torch.Tensor) else "reference"
     _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend)

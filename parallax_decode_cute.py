@@ -230,7 +230,8 @@ class ParallaxDecodeSm90:
             if tidx == 0:
                 slice_elements = cutlass.min(slice_size, G * D - split * slice_size)
                 cute.arch.mbarrier_init(merge_barrier, 1)
-                cute.arch.mbarrier_arrive_and_expect_tx(merge_barrier, S * slice_elements * 5 * 4)
+                cute.arch.mbarrier_arrive_and_expect_tx(  # 5 fp32 per element and split
+                    merge_barrier, S * slice_elements * 5 * (Float32.width // 8))
         # warpgroup w consumes tiles w, w + W, ... of the split from its own stages; its warp 0
         # arms each stage and issues the TMA loads, each of its 4 warps releases the stage
         kv_pipeline = pipeline.PipelineTmaAsync.create(
@@ -568,18 +569,17 @@ def num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch, kv_heads, max_len, paired, device):
-    """About one CTA per SM, no more splits than tiles of the cache and than a portable cluster
-    holds: a function of the shape class only, never of the lengths."""
-    kv_per_cta = 2 if paired else 1
-    tiles = -(-max_len * kv_per_cta // TILE_ROWS)
-    return max(1, min(num_sms(device) * kv_per_cta // (batch * kv_heads), tiles, MAX_SPLITS))
+def choose_num_splits(ctas, rows, device):
+    """Splits of each of the `ctas` (row, KV head or pair) units whose caches hold `rows` K/V
+    rows: about one CTA per SM, no more splits than tiles and than a portable cluster holds; a
+    function of the shape class only, never of the lengths."""
+    return max(1, min(num_sms(device) // ctas, -(-rows // TILE_ROWS), MAX_SPLITS))
 
 
-def choose_warpgroups(batch, kv_heads, paired, device):
-    """Two warpgroups per CTA (one CTA per SM) unless the CTAs of a split outnumber the SMs:
-    then one, so that several CTAs share an SM and every CTA is resident from the start."""
-    return 1 if batch * kv_heads // (2 if paired else 1) > num_sms(device) else 2
+def choose_warpgroups(ctas, device):
+    """Two warpgroups per CTA (one CTA per SM) unless the `ctas` CTAs of a split outnumber the
+    SMs: then one, so that several CTAs share an SM and every CTA is resident from the start."""
+    return 1 if ctas > num_sms(device) else 2
 
 
 def choose_pairing(batch, kv_heads, group, device):
@@ -614,8 +614,10 @@ def parallax_decode_cute(q, r, k_cache, v_cache, cache_seqlens, window, scale, o
     elif paired and (Hkv % 2 or group > MAX_GROUP // 2):
         raise ValueError(f"paired KV heads need an even KV head count and at most "
                          f"{MAX_GROUP // 2} q heads per KV head, got {Hkv} and {group}")
-    splits = num_splits or choose_num_splits(B, Hkv, Lmax, paired, device)
-    warpgroups = warpgroups or choose_warpgroups(B, Hkv, paired, device)
+    kv_per_cta = 2 if paired else 1
+    ctas = B * Hkv // kv_per_cta  # of one split
+    splits = num_splits or choose_num_splits(ctas, Lmax * kv_per_cta, device)
+    warpgroups = warpgroups or choose_warpgroups(ctas, device)
     dtype = _TORCH_TO_CUTE[q.dtype]
     elem = q.element_size()
     args = (_ptr(q, dtype, elem), _ptr(r, dtype, elem), _ptr(k_cache, dtype, 16),

@@ -137,9 +137,9 @@ def gpu_decode(backend):
             pytest.skip("the CuTe DSL kernel targets SM90")
         import parallax_decode_cute
 
-        def run(q, r, k, v, seqlens, window=None):
+        def run(q, r, k, v, seqlens, window=None, **overrides):  # num_splits, warpgroups, paired
             return parallax_decode_cute.parallax_decode_cute(
-                q, r, k, v, seqlens, window, q.shape[-1] ** -0.5, torch.empty_like(q))
+                q, r, k, v, seqlens, window, q.shape[-1] ** -0.5, torch.empty_like(q), **overrides)
         return run
     return lambda q, r, k, v, seqlens, window=None: parallax_decode_triton(q, r, k, v, seqlens, window=window)
 
@@ -202,14 +202,10 @@ def test_gpu_moving_maximum(backend, ramp):
 def test_gpu_cute_split_counts(num_splits, warpgroups, window):
     """Every cluster size and warpgroup count merges right, including splits that get no tile
     (the 1-key row) and warpgroups that get different tile counts."""
-    if not HOPPER:
-        pytest.skip("the CuTe DSL kernel targets SM90")
-    import parallax_decode_cute
+    decode = gpu_decode("cute")
     q, r, k, v, seqlens = make_inputs([1, 130, 4096, 700], 2, 2, 128, torch.bfloat16, "cuda", seed=3)
     k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))
-    out = parallax_decode_cute.parallax_decode_cute(q, r, k, v, seqlens, window, 128 ** -0.5,
-                                                    torch.empty_like(q), num_splits=num_splits,
-                                                    warpgroups=warpgroups)
+    out = decode(q, r, k, v, seqlens, window, num_splits=num_splits, warpgroups=warpgroups)
     assert torch.isfinite(out).all()
     assert rel_error(out, reference(q, r, k, v, seqlens, window)) <= 1e-2
 
@@ -224,21 +220,16 @@ def test_gpu_cute_split_counts(num_splits, warpgroups, window):
 def test_gpu_cute_paired_heads(group, head_dim, dtype, window, num_splits, warpgroups):
     """Two KV heads per CTA with their rows interleaved in a tile: every q head sees only its
     own KV head's keys, at odd lengths and windows, under splits and both warpgroup counts."""
-    if not HOPPER:
-        pytest.skip("the CuTe DSL kernel targets SM90")
-    import parallax_decode_cute
+    decode = gpu_decode("cute")
     q, r, k, v, seqlens = make_inputs([1, 63, 64, 65, 1000, 4099], 4, group, head_dim, dtype,
                                       "cuda", seed=group)  # the last tile runs past the cache
     k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))
-    out = parallax_decode_cute.parallax_decode_cute(
-        q, r, k, v, seqlens, window, head_dim ** -0.5, torch.empty_like(q),
-        num_splits=num_splits, warpgroups=warpgroups, paired=True)
+    out = decode(q, r, k, v, seqlens, window, num_splits=num_splits, warpgroups=warpgroups,
+                 paired=True)
     assert torch.isfinite(out).all()
     assert rel_error(out, reference(q, r, k, v, seqlens, window)) <= 1e-2
-    q3, r3, k3, v3, seqlens3 = make_inputs([5], 3, 1, head_dim, dtype, "cuda")
     with pytest.raises(ValueError, match="even KV head count"):
-        parallax_decode_cute.parallax_decode_cute(q3, r3, k3, v3, seqlens3, None, 1.0,
-                                                  torch.empty_like(q3), paired=True)
+        decode(*make_inputs([5], 3, 1, head_dim, dtype, "cuda"), paired=True)
 
 
 @needs_cuda
