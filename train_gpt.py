@@ -82,6 +82,14 @@ class Hyperparameters:
     num_value_embeds: int = 3  # value embeddings shared by the first and the last layers
     logit_cap: float = 15.0  # logits = cap * tanh(logits / cap)
     attn_scale: float = 0.12  # multiplies q.k (r.k is not scaled); the records' value for QK-normed heads
+    # Parallax's probe r = gain * rotary(norm(W_r x)). "none": no gain (the paper authors' r, the model of
+    # the 2026-11-22 records); "head": a learnable scalar per head; "channel": one per head and channel.
+    r_gain: str = "none"
+    r_gain_init: float = 0.0  # 0 starts Parallax exactly as softmax attention
+    r_gain_lr: float = 0.04  # Adam learning rate of the gain
+    r_lr_mult: float = 1.0  # multiplies W_r's learning rate (Muon's, or AdamW's under optimizer="adamw")
+    r_norm: bool = True  # RMS-norm W_r x (like q and k)
+    r_rotary: bool = True  # rotate r with q's rotary embedding
     window_schedule: tuple = (384, 896, 1408, 1792)  # long window per quarter of training; short = long // 2
     # optimization
     optimizer: str = "muon"  # "muon": hidden matrices under Muon; "adamw": under AdamW at adamw_lr
@@ -142,6 +150,8 @@ def _parse_env(name, text, default):
 def check_hyperparameters(hp: Hyperparameters, world_size: int):
     if hp.attention not in ("parallax", "softmax"):
         raise ValueError(f"attention must be 'parallax' or 'softmax', got {hp.attention!r}")
+    if hp.r_gain not in ("none", "head", "channel"):
+        raise ValueError(f"r_gain must be 'none', 'head' or 'channel', got {hp.r_gain!r}")
     if hp.optimizer not in ("muon", "adamw"):
         raise ValueError(f"optimizer must be 'muon' or 'adamw', got {hp.optimizer!r}")
     if hp.micro_batches % world_size:
@@ -422,6 +432,11 @@ class GPTConfig:
     logit_cap: float
     attn_scale: float
     final_window: int  # the long window at the end of training, used when sampling
+    # r's parameterization (Hyperparameters.r_*); the defaults rebuild checkpoints written before it existed
+    r_gain: str = "none"
+    r_gain_init: float = 0.0
+    r_norm: bool = True
+    r_rotary: bool = True
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -429,7 +444,8 @@ def model_config(hp: Hyperparameters) -> GPTConfig:
     if hp.attention == "parallax" and hp.param_matched:
         mlp_hidden -= hp.num_heads * hp.head_dim // 2  # 2 * dim * (hdim / 2) = r's dim * hdim weights
     return GPTConfig(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, mlp_hidden,
-                     hp.attention, hp.num_value_embeds, hp.logit_cap, hp.attn_scale, hp.window_schedule[-1])
+                     hp.attention, hp.num_value_embeds, hp.logit_cap, hp.attn_scale, hp.window_schedule[-1],
+                     hp.r_gain, hp.r_gain_init, hp.r_norm, hp.r_rotary)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -478,16 +494,31 @@ class CausalSelfAttention(nn.Module):
         self.q = CastedLinear(config.model_dim, hdim)
         self.k = CastedLinear(config.model_dim, hdim)
         self.v = CastedLinear(config.model_dim, hdim)
-        self.r = CastedLinear(config.model_dim, hdim) if config.attention == "parallax" else None
+        self.r = self.r_gain = None
+        if config.attention == "parallax":
+            self.r = CastedLinear(config.model_dim, hdim)
+            self.r_norm, self.r_rotary = config.r_norm, config.r_rotary
+            gain_shape = {"head": (config.num_heads, 1), "channel": (config.num_heads, config.head_dim)}
+            if config.r_gain in gain_shape:
+                self.r_gain = nn.Parameter(torch.full(gain_shape[config.r_gain], config.r_gain_init))
         self.c_proj = CastedLinear(hdim, config.model_dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+
+    def probe(self, x: Tensor, shape, rope) -> Tensor:
+        """Parallax's r: u = r.k is not scaled, so r's size sets how far the output moves from softmax's."""
+        r = self.r(x).view(shape)
+        if self.r_norm:
+            r = norm(r)
+        if self.r_rotary:
+            r = apply_rotary(r, rope)
+        return r if self.r_gain is None else self.r_gain.type_as(r) * r
 
     def forward(self, x: Tensor, ve: Tensor | None, rope, attend) -> Tensor:
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = apply_rotary(norm(self.q(x).view(shape)), rope)
         k = apply_rotary(norm(self.k(x).view(shape)), rope)
-        r = apply_rotary(norm(self.r(x).view(shape)), rope) if self.r is not None else None
+        r = self.probe(x, shape, rope) if self.r is not None else None
         v = self.lambdas[0] * self.v(x).view(shape)
         if ve is not None:
             v = v + self.lambdas[1] * ve.view(shape)
@@ -677,21 +708,38 @@ def make_optimizers(model: GPT, hp: Hyperparameters, device: torch.device):
     """Returns (optimizers, the params whose gradients the loop averages across ranks, the Muon or None).
 
     Muon averages its own parameters' gradients; under optimizer="adamw" the hidden matrices go to
-    torch.optim.AdamW at adamw_lr with the Adam groups' betas and eps, everything else unchanged."""
+    torch.optim.AdamW at adamw_lr with the Adam groups' betas and eps, everything else unchanged.
+    Parallax's r gains get an Adam group at r_gain_lr, and W_r its matrix optimizer's rate x r_lr_mult."""
     from muon import build_optimizers
 
     adam, muon = build_optimizers(model, muon_lr=hp.muon_lr, embed_lr=hp.embed_lr, head_lr=hp.head_lr,
                                   scalar_lr=hp.scalar_lr, muon_momentum=hp.muon_momentum,
                                   weight_decay=hp.weight_decay)
+    attentions = [block.attn for block in model.blocks]
+    r_gains = [attn.r_gain for attn in attentions if attn.r_gain is not None]
+    r_weights = [attn.r.weight for attn in attentions if attn.r is not None]
+    regroup(adam, r_gains, hp.r_gain_lr)
     adam_params = [p for group in adam.param_groups for p in group["params"]]
     if hp.optimizer == "muon":
+        regroup(muon, r_weights, hp.muon_lr * hp.r_lr_mult)
         return [adam, muon], adam_params, muon
     matrices = [p for group in muon.param_groups for p in group["params"]]
     adamw = torch.optim.AdamW(matrices, lr=hp.adamw_lr, betas=adam.defaults["betas"], eps=adam.defaults["eps"],
                               weight_decay=hp.weight_decay, fused=device.type == "cuda")
-    for group in adamw.param_groups:
-        group["initial_lr"] = hp.adamw_lr
+    adamw.param_groups[0]["initial_lr"] = hp.adamw_lr
+    regroup(adamw, r_weights, hp.adamw_lr * hp.r_lr_mult)
     return [adam, adamw], adam_params + matrices, None
+
+
+def regroup(optimizer: torch.optim.Optimizer, params: list, lr: float):
+    """Move params (not stepped yet) out of their groups into one of their own at lr; no-op for none."""
+    if not params:
+        return
+    moved = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in moved]
+    optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+    optimizer.add_param_group(dict(params=list(params), lr=lr, initial_lr=lr))
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:

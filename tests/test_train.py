@@ -108,6 +108,57 @@ def test_parallax_with_zero_r_equals_softmax():
     assert (before - reference).abs().max() > 1e-2  # r matters when it is not zero
 
 
+@pytest.mark.parametrize("r_gain", ["head", "channel"])
+def test_zero_r_gain_starts_parallax_as_softmax(r_gain):
+    """With the gain at 0, step 0 is exactly the softmax model, whatever W_r is; a gain makes r matter."""
+    parallax = randomized(tg.GPT(tiny_config("parallax", r_gain=r_gain, r_gain_init=0.0)))
+    softmax = tg.GPT(tiny_config("softmax"))
+    softmax.load_state_dict({name: t for name, t in parallax.state_dict().items() if ".attn.r" not in name})
+    for block in parallax.blocks:
+        assert block.attn.r_gain.abs().max() > 0  # randomized, so reset below
+        with torch.no_grad():
+            block.attn.r_gain.zero_()
+    tokens, cu_seqlens = packed_batch([100, 3, 90, 63])
+    reference = softmax(tokens, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(parallax(tokens, cu_seqlens=cu_seqlens), reference, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        parallax.blocks[0].attn.r_gain.fill_(0.3)
+    assert (parallax(tokens, cu_seqlens=cu_seqlens) - reference).abs().max() > 1e-3
+
+
+def test_r_gain_shapes_and_the_probe_settings():
+    config = tiny_config("parallax", r_gain="channel", r_gain_init=0.25, r_norm=False, r_rotary=False)
+    attn = tg.GPT(config).blocks[0].attn
+    assert attn.r_gain.shape == (config.num_heads, config.head_dim) and torch.all(attn.r_gain == 0.25)
+    x = torch.randn(1, 5, config.model_dim)
+    shape = (1, 5, config.num_heads, config.head_dim)
+    rope = tg.rotary_tables(torch.arange(5), config.head_dim)
+    torch.testing.assert_close(attn.probe(x, shape, rope), 0.25 * attn.r(x).view(shape))
+    assert tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain is None  # "none": the authors' r
+    with pytest.raises(ValueError, match="r_gain must be"):
+        tg.check_hyperparameters(replace(SMOKE, r_gain="layer"), 1)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_r_learning_rates_get_groups_of_their_own(optimizer):
+    hp = replace(SMOKE, r_gain="head", r_gain_lr=0.123, r_lr_mult=0.5, optimizer=optimizer)
+    model = tg.GPT(tg.model_config(hp))
+    optimizers, averaged, _ = tg.make_optimizers(model, hp, torch.device("cpu"))
+    groups = [group for opt in optimizers for group in opt.param_groups]
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))  # each param once
+    matrix_lr = hp.muon_lr if optimizer == "muon" else hp.adamw_lr
+
+    def lr_of(param):
+        return next(group["initial_lr"] for group in groups if any(p is param for p in group["params"]))
+
+    for block in model.blocks:
+        assert lr_of(block.attn.r_gain) == 0.123
+        assert lr_of(block.attn.r.weight) == 0.5 * matrix_lr
+        assert lr_of(block.attn.q.weight) == matrix_lr
+        assert any(p is block.attn.r_gain for p in averaged)  # Adam's gradients are averaged by the loop
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_matches_the_dense_mask():
     """The block summaries (full / partial / skipped) of the FlexAttention mask, checked on the CPU."""

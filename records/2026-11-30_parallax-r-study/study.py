@@ -1,0 +1,169 @@
+"""The r-parameterization study: every run it made, as named waves, and the tables of its README.
+
+    python records/2026-11-30_parallax-r-study/study.py run sweep --data DIR --gpus 2     # launch a wave
+    python records/2026-11-30_parallax-r-study/study.py table records/2026-11-30_parallax-r-study/logs
+
+`run` starts each run of a wave as its own `train_gpt.py` process (the proxy configuration below plus
+the arm's settings), several per GPU at a time, from the repository root, so logs land in logs/. Runs
+start in the order listed; a run that cannot finish before --deadline is not started, and one still
+going at the deadline is stopped (its log stays, marked incomplete by records/compare.py).
+
+`table` prints, per wave and arm, the final validation losses, their mean and standard deviation,
+Welch's test against the wave's softmax arm, and for the confirmation the steps and time each arm
+needs to reach softmax's final loss. The winner of the sweep is chosen by the rule fixed before any
+run: the drop-in Parallax arm at attn_scale 0.12 with the lowest mean final loss over seeds 0-1.
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from compare import parse_log, welch_t_test  # noqa: E402  (records/compare.py)
+
+# The proxy of the 2026-11-22 study: 6 layers of width 384, 3 heads of 128, 400 steps of 16K tokens, eager.
+PROXY = dict(NUM_LAYERS=6, MODEL_DIM=384, NUM_HEADS=3, HEAD_DIM=128, SEQ_LEN=16384, MICRO_BATCHES=1,
+             NUM_ITERATIONS=400, VAL_EVERY=50, VAL_TOKENS=1048576, WINDOW_SCHEDULE="384,768", COMPILE=0)
+AUTHORS = dict(ATTENTION="parallax", R_GAIN="none")  # r = rotary(norm(W_r x)), u = r.k unscaled
+HEAD0 = dict(ATTENTION="parallax", R_GAIN="head", R_GAIN_INIT=0.0)
+
+ARMS = {  # name -> settings on top of PROXY
+    "softmax": dict(ATTENTION="softmax"),
+    "authors": AUTHORS,
+    "head0": HEAD0,
+    "channel0": dict(HEAD0, R_GAIN="channel"),
+    "head0-gainlr0.01": dict(HEAD0, R_GAIN_LR=0.01),
+    "head0-gainlr0.16": dict(HEAD0, R_GAIN_LR=0.16),
+    "head0.1": dict(HEAD0, R_GAIN_INIT=0.1),
+    "head0-norotary": dict(HEAD0, R_ROTARY=0),
+    "head0-nonorm": dict(HEAD0, R_NORM=0),
+    "head0-wr0.5": dict(HEAD0, R_LR_MULT=0.5),
+    "head0-wr2": dict(HEAD0, R_LR_MULT=2.0),
+    "softmax-scale0.15": dict(ATTENTION="softmax", ATTN_SCALE=0.15),
+    "head0-scale0.15": dict(HEAD0, ATTN_SCALE=0.15),
+    "head0-pm": dict(HEAD0, PARAM_MATCHED=1),
+}
+SWEEP_CANDIDATES = ["head0", "channel0", "head0-gainlr0.01", "head0-gainlr0.16", "head0.1", "head0-norotary",
+                    "head0-nonorm", "head0-wr0.5", "head0-wr2"]
+
+WAVES = {  # name -> [(arm, seed)], in launch order
+    "sweep": [(arm, seed) for arm in ARMS for seed in (0, 1)],
+}
+
+
+def run_name(wave, arm, seed):
+    return f"{wave}-{arm}-s{seed}"
+
+
+def run_wave(wave, jobs, data, prefix, gpus, per_gpu, deadline_s, expected_s):
+    """Launch jobs (arm settings, seed) per_gpu at a time on each GPU until the deadline."""
+    start = time.time()
+    os.makedirs(os.path.join(ROOT, "logs"), exist_ok=True)
+    pending = list(jobs)
+    running = {}  # slot (gpu, index) -> (Popen, name)
+    slots = [(gpu, i) for i in range(per_gpu) for gpu in range(gpus)]
+    while pending or running:
+        for slot, (proc, name) in list(running.items()):
+            if proc.poll() is not None:
+                print(f"[{time.time() - start:5.0f}s] done {name} (exit {proc.returncode})", flush=True)
+                del running[slot]
+        left = deadline_s - (time.time() - start)
+        for slot in slots:
+            if slot in running or not pending:
+                continue
+            if left < expected_s:
+                print(f"[{time.time() - start:5.0f}s] not started (too little time left): "
+                      f"{', '.join(run_name(wave, arm, seed) for arm, seed in pending)}", flush=True)
+                pending = []
+                break
+            arm, seed = pending.pop(0)
+            name = run_name(wave, arm, seed)
+            env = dict(os.environ, **{k: str(v) for k, v in {**PROXY, **ARMS[arm]}.items()},
+                       TRAIN_FILES=os.path.join(data, f"{prefix}_train_*.bin"),
+                       VAL_FILES=os.path.join(data, f"{prefix}_val_*.bin"), SEED=str(seed), RUN_NAME=name,
+                       CUDA_VISIBLE_DEVICES=str(slot[0]))
+            out = open(os.path.join(ROOT, "logs", f"{name}.out"), "w")
+            running[slot] = (subprocess.Popen([sys.executable, "train_gpt.py"], cwd=ROOT, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT), name)
+            print(f"[{time.time() - start:5.0f}s] started {name} on GPU {slot[0]}", flush=True)
+        if left <= 0:
+            for proc, name in running.values():
+                proc.kill()
+                print(f"[{time.time() - start:5.0f}s] stopped at the deadline: {name}", flush=True)
+            break
+        time.sleep(2)
+
+
+def load_runs(log_dirs):
+    runs = []
+    for log_dir in log_dirs:
+        for name in sorted(os.listdir(log_dir)):
+            if name.endswith(".txt"):
+                runs.append(parse_log(os.path.join(log_dir, name)))
+    return runs
+
+
+def arm_of(run):
+    """(wave, arm) from a run name wave-arm-sSEED."""
+    wave, rest = run["run_name"].split("-", 1)
+    return wave, rest.rsplit("-s", 1)[0]
+
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def table(log_dirs):
+    by_arm = {}
+    for run in load_runs(log_dirs):
+        if run["status"] == "complete":
+            by_arm.setdefault(arm_of(run), []).append(run)
+    for wave in dict.fromkeys(w for w, _ in by_arm):
+        arms = {arm: runs for (w, arm), runs in by_arm.items() if w == wave}
+        baseline = [r["final_val_loss"] for r in arms.get("softmax", [])]
+        print(f"\n## {wave}\n\n| arm | seeds | final val loss | mean | std | vs softmax | p (Welch) |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+        for arm, runs in sorted(arms.items(), key=lambda item: mean_std([r["final_val_loss"] for r in item[1]])[0]):
+            runs.sort(key=lambda r: r["seed"])
+            losses = [r["final_val_loss"] for r in runs]
+            mean, std = mean_std(losses)
+            diff = p = ""
+            if arm != "softmax" and len(baseline) >= 2 and len(losses) >= 2:
+                diff, p = f"{mean - mean_std(baseline)[0]:+.4f}", f"{welch_t_test(losses, baseline)[2]:.3g}"
+            print(f"| {arm} | {','.join(str(r['seed']) for r in runs)} | {' '.join(f'{x:.4f}' for x in losses)} "
+                  f"| {mean:.4f} | {std:.4f} | {diff} | {p} |")
+        candidates = {arm: mean_std([r["final_val_loss"] for r in runs])[0] for arm, runs in arms.items()
+                      if arm in SWEEP_CANDIDATES}
+        if wave == "sweep" and candidates:
+            print(f"\nwinner by the fixed rule: {min(candidates, key=candidates.get)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="launch the runs of a wave")
+    run.add_argument("wave", choices=sorted(WAVES))
+    run.add_argument("--data", required=True, help="folder with <prefix>_train_*.bin and <prefix>_val_*.bin")
+    run.add_argument("--prefix", default="devdocs")
+    run.add_argument("--gpus", type=int, default=1)
+    run.add_argument("--per-gpu", type=int, default=7, help="runs at a time on one GPU (8 ran out of memory)")
+    run.add_argument("--deadline", type=float, default=560, help="seconds: start nothing that would end later")
+    run.add_argument("--expected", type=float, default=240, help="seconds one run takes, to decide what to start")
+    show = commands.add_parser("table", help="the README's tables from logs")
+    show.add_argument("log_dirs", nargs="+")
+    args = parser.parse_args()
+    if args.command == "run":
+        run_wave(args.wave, WAVES[args.wave], args.data, args.prefix, args.gpus, args.per_gpu, args.deadline,
+                 args.expected)
+    else:
+        table(args.log_dirs)
+
+
+if __name__ == "__main__":
+    main()
