@@ -1,12 +1,12 @@
 """The r-parameterization study: every run it made, as named waves, and the tables of its README.
 
-    python records/2026-11-30_parallax-r-study/study.py run sweep --data DIR --gpus 2     # launch a wave
+    python records/2026-11-30_parallax-r-study/study.py run sweep --data DIR --gpus 0,1 --until $(($(date +%s) + 540))
     python records/2026-11-30_parallax-r-study/study.py table records/2026-11-30_parallax-r-study/logs
 
 `run` starts each run of a wave as its own `train_gpt.py` process (the proxy configuration below plus
 the arm's settings), several per GPU at a time, from the repository root, so logs land in logs/. Runs
-start in the order listed; a run that cannot finish before --deadline is not started, and one still
-going at the deadline is stopped (its log stays, marked incomplete by records/compare.py).
+start in the order listed; a run that cannot finish before --until is not started, and one still
+going then is stopped (its log stays, marked incomplete by records/compare.py).
 
 `table` prints, per wave and arm, the final validation losses, their mean and standard deviation,
 Welch's test against the wave's softmax arm, and for the confirmation the steps and time each arm
@@ -49,9 +49,27 @@ ARMS = {  # name -> settings on top of PROXY
 }
 SWEEP_CANDIDATES = ["head0", "channel0", "head0-gainlr0.01", "head0-gainlr0.16", "head0.1", "head0-norotary",
                     "head0-nonorm", "head0-wr0.5", "head0-wr2"]
+WINNER = "head0"  # what the fixed rule chose from the sweep (`table` prints it)
+ADAMW_RATES = (0.0018, 0.0054, 0.0162)  # the 2026-11-22 study's rate, x3, x9
+for _rate in ADAMW_RATES:
+    ARMS[f"softmax-adamw{_rate}"] = dict(ATTENTION="softmax", OPTIMIZER="adamw", ADAMW_LR=_rate)
+    ARMS[f"{WINNER}-adamw{_rate}"] = dict(ARMS[WINNER], OPTIMIZER="adamw", ADAMW_LR=_rate)
 
-WAVES = {  # name -> [(arm, seed)], in launch order
-    "sweep": [(arm, seed) for arm in ARMS for seed in (0, 1)],
+# name -> (settings on top of each arm's, [(arm, seed)] in launch order). Wave names have no "-".
+WAVES = {
+    "sweep": ({}, [(arm, seed) for arm in ARMS if "adamw" not in arm for seed in (0, 1)]),
+    # fresh seeds, never used in the sweep; the authors' r stays as an arm
+    "confirm": ({}, [(arm, seed) for seed in (2, 3, 4, 5) for arm in ("softmax", WINNER, "authors", f"{WINNER}-pm")]),
+    # the second corpus, untuned: the winner as chosen on devdocs
+    "corpus2": (dict(CORPUS="corpus2"), [(arm, seed) for seed in (0, 1, 2) for arm in ("softmax", WINNER)]),
+    "adamw": ({}, [(f"{attention}-adamw{rate}", 0) for rate in ADAMW_RATES for attention in ("softmax", WINNER)]),
+    # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens)
+    "horizon": (dict(NUM_ITERATIONS=1000, VAL_EVERY=100), [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
+    # the 12 x 768 model (the speedrun's width and depth) at a short horizon
+    "wide": (dict(NUM_LAYERS=12, MODEL_DIM=768, NUM_HEADS=6, NUM_ITERATIONS=200),
+             [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
+    # compiled, one run at a time on its GPU: the step times for time-to-target
+    "steptime": (dict(COMPILE=1), [(arm, 0) for arm in ("softmax", WINNER, f"{WINNER}-pm")]),
 }
 
 
@@ -59,32 +77,34 @@ def run_name(wave, arm, seed):
     return f"{wave}-{arm}-s{seed}"
 
 
-def run_wave(wave, jobs, data, prefix, gpus, per_gpu, deadline_s, expected_s):
-    """Launch jobs (arm settings, seed) per_gpu at a time on each GPU until the deadline."""
+def run_waves(waves, data, gpus, per_gpu, until, expected_s):
+    """Launch the waves' runs per_gpu at a time on each GPU id in gpus until the time `until`."""
     start = time.time()
     os.makedirs(os.path.join(ROOT, "logs"), exist_ok=True)
-    pending = list(jobs)
+    pending = [(wave, arm, seed) for wave in waves for arm, seed in WAVES[wave][1]]
     running = {}  # slot (gpu, index) -> (Popen, name)
-    slots = [(gpu, i) for i in range(per_gpu) for gpu in range(gpus)]
+    slots = [(gpu, i) for i in range(per_gpu) for gpu in gpus]
     while pending or running:
         for slot, (proc, name) in list(running.items()):
             if proc.poll() is not None:
                 print(f"[{time.time() - start:5.0f}s] done {name} (exit {proc.returncode})", flush=True)
                 del running[slot]
-        left = deadline_s - (time.time() - start)
+        left = until - time.time()
         for slot in slots:
             if slot in running or not pending:
                 continue
             if left < expected_s:
                 print(f"[{time.time() - start:5.0f}s] not started (too little time left): "
-                      f"{', '.join(run_name(wave, arm, seed) for arm, seed in pending)}", flush=True)
+                      f"{', '.join(run_name(*job) for job in pending)}", flush=True)
                 pending = []
                 break
-            arm, seed = pending.pop(0)
+            wave, arm, seed = pending.pop(0)
             name = run_name(wave, arm, seed)
-            env = dict(os.environ, **{k: str(v) for k, v in {**PROXY, **ARMS[arm]}.items()},
-                       TRAIN_FILES=os.path.join(data, f"{prefix}_train_*.bin"),
-                       VAL_FILES=os.path.join(data, f"{prefix}_val_*.bin"), SEED=str(seed), RUN_NAME=name,
+            settings = {**PROXY, **ARMS[arm], **WAVES[wave][0]}
+            corpus = settings.pop("CORPUS", "devdocs")
+            env = dict(os.environ, **{k: str(v) for k, v in settings.items()},
+                       TRAIN_FILES=os.path.join(data, corpus, f"{corpus}_train_*.bin"),
+                       VAL_FILES=os.path.join(data, corpus, f"{corpus}_val_*.bin"), SEED=str(seed), RUN_NAME=name,
                        CUDA_VISIBLE_DEVICES=str(slot[0]))
             out = open(os.path.join(ROOT, "logs", f"{name}.out"), "w")
             running[slot] = (subprocess.Popen([sys.executable, "train_gpt.py"], cwd=ROOT, env=env, stdout=out,
@@ -147,20 +167,19 @@ def table(log_dirs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="launch the runs of a wave")
-    run.add_argument("wave", choices=sorted(WAVES))
-    run.add_argument("--data", required=True, help="folder with <prefix>_train_*.bin and <prefix>_val_*.bin")
-    run.add_argument("--prefix", default="devdocs")
-    run.add_argument("--gpus", type=int, default=1)
+    run = commands.add_parser("run", help="launch the runs of some waves, in order")
+    run.add_argument("waves", nargs="+", choices=sorted(WAVES))
+    run.add_argument("--data", required=True, help="folder holding devdocs/devdocs_*.bin and corpus2/corpus2_*.bin")
+    run.add_argument("--gpus", default="0", help="comma-separated GPU ids")
     run.add_argument("--per-gpu", type=int, default=7, help="runs at a time on one GPU (8 ran out of memory)")
-    run.add_argument("--deadline", type=float, default=560, help="seconds: start nothing that would end later")
+    run.add_argument("--until", type=float, required=True, help="Unix time: start nothing that would end later")
     run.add_argument("--expected", type=float, default=240, help="seconds one run takes, to decide what to start")
     show = commands.add_parser("table", help="the README's tables from logs")
     show.add_argument("log_dirs", nargs="+")
     args = parser.parse_args()
     if args.command == "run":
-        run_wave(args.wave, WAVES[args.wave], args.data, args.prefix, args.gpus, args.per_gpu, args.deadline,
-                 args.expected)
+        run_waves(args.waves, args.data, [int(g) for g in args.gpus.split(",")], args.per_gpu, args.until,
+                  args.expected)
     else:
         table(args.log_dirs)
 
