@@ -63,13 +63,15 @@ WAVES = {
     # the second corpus, untuned: the winner as chosen on devdocs
     "corpus2": (dict(CORPUS="corpus2"), [(arm, seed) for seed in (0, 1, 2) for arm in ("softmax", WINNER)]),
     "adamw": ({}, [(f"{attention}-adamw{rate}", 0) for rate in ADAMW_RATES for attention in ("softmax", WINNER)]),
-    # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens)
-    "horizon": (dict(NUM_ITERATIONS=1000, VAL_EVERY=100), [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
-    # the 12 x 768 model (the speedrun's width and depth) at a short horizon
-    "wide": (dict(NUM_LAYERS=12, MODEL_DIM=768, NUM_HEADS=6, NUM_ITERATIONS=200),
+    # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens); compiled, to fit the device time
+    "horizon": (dict(NUM_ITERATIONS=1000, VAL_EVERY=100, COMPILE=1),
+                [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
+    # the 12 x 768 model (the speedrun's width and depth) at a short horizon, compiled
+    "wide": (dict(NUM_LAYERS=12, MODEL_DIM=768, NUM_HEADS=6, NUM_ITERATIONS=200, COMPILE=1),
              [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
-    # compiled, one run at a time on its GPU: the step times for time-to-target
-    "steptime": (dict(COMPILE=1), [(arm, 0) for arm in ("softmax", WINNER, f"{WINNER}-pm")]),
+    # compiled, one run at a time on its GPU, at the final window: the step times for time-to-target
+    "steptime": (dict(COMPILE=1, NUM_ITERATIONS=40, VAL_EVERY=0, VAL_TOKENS=16384, WINDOW_SCHEDULE="768"),
+                 [(arm, 0) for arm in ("softmax", WINNER, f"{WINNER}-pm")]),
 }
 
 
@@ -77,11 +79,11 @@ def run_name(wave, arm, seed):
     return f"{wave}-{arm}-s{seed}"
 
 
-def run_waves(waves, data, gpus, per_gpu, until, expected_s):
-    """Launch the waves' runs per_gpu at a time on each GPU id in gpus until the time `until`."""
+def run_waves(waves, data, gpus, per_gpu, until, expected_s, skip=0):
+    """Launch the waves' runs (but the first `skip`) per_gpu at a time on each GPU id in gpus until `until`."""
     start = time.time()
     os.makedirs(os.path.join(ROOT, "logs"), exist_ok=True)
-    pending = [(wave, arm, seed) for wave in waves for arm, seed in WAVES[wave][1]]
+    pending = [(wave, arm, seed) for wave in waves for arm, seed in WAVES[wave][1]][skip:]
     running = {}  # slot (gpu, index) -> (Popen, name)
     slots = [(gpu, i) for i in range(per_gpu) for gpu in gpus]
     while pending or running:
@@ -174,12 +176,13 @@ def main():
     run.add_argument("--per-gpu", type=int, default=7, help="runs at a time on one GPU (8 ran out of memory)")
     run.add_argument("--until", type=float, required=True, help="Unix time: start nothing that would end later")
     run.add_argument("--expected", type=float, default=240, help="seconds one run takes, to decide what to start")
+    run.add_argument("--skip", type=int, default=0, help="leave out the first runs (made in an earlier call)")
     show = commands.add_parser("table", help="the README's tables from logs")
     show.add_argument("log_dirs", nargs="+")
     args = parser.parse_args()
     if args.command == "run":
         run_waves(args.waves, args.data, [int(g) for g in args.gpus.split(",")], args.per_gpu, args.until,
-                  args.expected)
+                  args.expected, args.skip)
     else:
         table(args.log_dirs)
 
