@@ -160,10 +160,33 @@ def table(log_dirs):
                 diff, p = f"{mean - mean_std(baseline)[0]:+.4f}", f"{welch_t_test(losses, baseline)[2]:.3g}"
             print(f"| {arm} | {','.join(str(r['seed']) for r in runs)} | {' '.join(f'{x:.4f}' for x in losses)} "
                   f"| {mean:.4f} | {std:.4f} | {diff} | {p} |")
+        if baseline:
+            print_steps_to_target(arms, mean_std(baseline)[0])
         candidates = {arm: mean_std([r["final_val_loss"] for r in runs])[0] for arm, runs in arms.items()
                       if arm in SWEEP_CANDIDATES}
         if wave == "sweep" and candidates:
             print(f"\nwinner by the fixed rule: {min(candidates, key=candidates.get)}")
+
+
+def mean_curve(runs):
+    """[(step, mean val loss)] over the steps every run validated at."""
+    steps = sorted(set.intersection(*({step for step, _ in run["val"]} for run in runs)))
+    return [(step, sum(dict(run["val"])[step] for run in runs) / len(runs)) for step in steps]
+
+
+def steps_to(curve, target):
+    """The first step at which the curve reaches target, interpolated linearly between validations."""
+    for (step0, loss0), (step1, loss1) in zip(curve, curve[1:]):
+        if loss1 <= target:
+            return step0 + (step1 - step0) * (loss0 - target) / (loss0 - loss1) if loss0 > target else step0
+    return None
+
+
+def print_steps_to_target(arms, target):
+    print(f"\nsteps to softmax's mean final loss {target:.4f} (mean curves, validations every 50 steps):")
+    for arm, runs in sorted(arms.items()):
+        reached = steps_to(mean_curve(runs), target)
+        print(f"  {arm}: {'not reached' if reached is None else f'{reached:.0f}'}")
 
 
 def main():
