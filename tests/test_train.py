@@ -95,7 +95,7 @@ def test_checkpoint_reloads_with_weights_only_and_reproduces_logits(tmp_path):
 def test_parallax_with_zero_r_equals_softmax():
     parallax = randomized(tg.GPT(tiny_config("parallax")))
     softmax = tg.GPT(tiny_config("softmax"))
-    state = {name: t for name, t in parallax.state_dict().items() if ".attn.r." not in name}
+    state = {name: t for name, t in parallax.state_dict().items() if ".attn.r" not in name}  # r and its gain
     softmax.load_state_dict(state)  # strict: every other weight is shared
     tokens, cu_seqlens = packed_batch([100, 3, 90, 63])  # documents longer and shorter than the window (48)
     before = parallax(tokens, cu_seqlens=cu_seqlens)
@@ -134,7 +134,9 @@ def test_r_gain_shapes_and_the_probe_settings():
     shape = (1, 5, config.num_heads, config.head_dim)
     rope = tg.rotary_tables(torch.arange(5), config.head_dim)
     torch.testing.assert_close(attn.probe(x, shape, rope), 0.25 * attn.r(x).view(shape))
-    assert tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain is None  # "none": the authors' r
+    assert tg.GPT(tiny_config("parallax", r_gain="none")).blocks[0].attn.r_gain is None  # the authors' r
+    default = tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain  # the study's winner: per head, from 0
+    assert default.shape == (config.num_heads, 1) and torch.all(default == 0)
     with pytest.raises(ValueError, match="r_gain must be"):
         tg.check_hyperparameters(replace(SMOKE, r_gain="layer"), 1)
 
@@ -195,8 +197,8 @@ def test_param_matched_costs_what_r_adds():
             return sum(p.numel() for p in tg.GPT(tg.model_config(hp)).parameters())
 
     softmax, drop_in, matched = count("softmax", False), count("parallax", False), count("parallax", True)
-    assert drop_in - softmax == 12 * 768 * 768  # one 768 x 768 r per layer
-    assert matched == softmax
+    assert drop_in - softmax == 12 * (768 * 768 + 6)  # one 768 x 768 r and 6 head gains per layer
+    assert matched == softmax + 12 * 6
     assert tg.model_config(tg.Hyperparameters(param_matched=True)).mlp_hidden == 2688
 
 
