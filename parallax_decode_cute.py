@@ -1,14 +1,14 @@
 """Parallax single-query decode over a KV cache: a CuTe DSL kernel for Hopper (SM90).
 
-A leaf module (it imports only torch and the CuTe DSL); `parallax_decode.py` validates inputs and
-dispatches here. One CTA works on one (batch row, KV head or pair of KV heads, KV split) with
+It imports only torch, the CuTe DSL and parallax_reference.py; `parallax_decode.py` validates
+inputs and dispatches here. One CTA works on one (batch row, KV head or pair of KV heads, KV split) with
 one or two warpgroups, each an independent pipeline over its share (every other tile) of the
 split's 64-row tiles:
 
 - a tile holds 64 keys of one KV head or, with paired heads, 32 keys of two adjacent KV heads
   with their rows interleaved: a tile's TMA loads then read a key's rows of both heads
-  together, 512 contiguous bytes of the (B, L, H, D) cache instead of 256 (measured up to 1%
-  faster where decode streams from DRAM). The pair's q heads take the columns of one group
+  together, 512 contiguous bytes of the (B, L, H, D) cache instead of 256, which pays where
+  decode streams from DRAM. The pair's q heads take the columns of one group
   of twice the size, and a row's scores against the other head's q are masked;
 - the warpgroup's warp 0 streams its K and V tiles into shared memory with TMA, through an
   mbarrier pipeline (at D = 128: two stages per warpgroup, and one CTA per SM with two
@@ -28,8 +28,8 @@ split's 64-row tiles:
   a slice of the outputs: every CTA merges its warpgroups' partial states per output element
   and pushes them into the shared memory of the split that owns the element (asynchronous
   distributed shared memory stores, st.async, whose bytes complete a transaction count on that
-  CTA's mbarrier: no fence on either side, 0.4-0.9 us per call faster than plain stores with a
-  cluster-scope release arrival and acquire fence), so a CTA waits only for the pushes it
+  CTA's mbarrier: no fence on either side, cheaper than plain stores with a cluster-scope
+  release arrival and acquire fence), so a CTA waits only for the pushes it
   needs and the kernel ends without a cluster-wide barrier. A decode step is one launch, with
   no workspace and no global atomics.
 
@@ -56,18 +56,19 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
 
+from parallax_reference import choose_num_splits, num_sms
+
 TILE_ROWS = 64  # K/V rows per pipeline stage: 64 keys, or 32 keys of two paired KV heads
 MAX_GROUP = 8  # q heads per KV head
 WARPGROUP_THREADS = 128
-# Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (more
-# stages measured slower, and two CTAs per SM would let the scheduler pack a cluster onto half
-# as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, when a
-# split's CTAs outnumber the SMs: up to three CTAs per SM, so all CTAs are resident at once and
-# every SM gets some (two stages of 64 rows at D = 128 measured faster than three).
+# Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (two CTAs
+# per SM would let the scheduler pack a cluster onto half as many SMs, which then cannot pull
+# their share of the bandwidth). One warpgroup, when a split's CTAs outnumber the SMs: up to
+# three CTAs per SM, so all CTAs are resident at once and every SM gets some (two stages of 64
+# rows at D = 128). Stage counts were chosen by timing (README).
 STAGE_BYTES = {1: 64 * 1024, 2: 128 * 1024}
-# The portable cluster size. 16 CTAs per (row, KV head) measured slower both as one cluster (not
-# every GPC holds 16) and as two clusters joined through global memory (the join costs more
-# than the extra SMs bring).
+# The portable cluster size. 16 CTAs per (row, KV head) were slower both as one cluster (not
+# every GPC holds 16) and as two clusters joined through global memory (README).
 MAX_SPLITS = 8
 O_PAD = 4  # floats of padding per accumulator column in the epilogue, against bank conflicts
 STAT_ROWS = 9  # per warpgroup and head: m, then d1 of each of the 4 warps, then d2 of each
@@ -565,17 +566,6 @@ def _finalize(d1: Float32, d2: Float32, o1: Float32, o2: Float32):
 _compiled = {}
 
 
-def num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_num_splits(ctas, rows, device):
-    """Splits of each of the `ctas` (row, KV head or pair) units whose caches hold `rows` K/V
-    rows: about one CTA per SM, no more splits than tiles and than a portable cluster holds; a
-    function of the shape class only, never of the lengths."""
-    return max(1, min(num_sms(device) // ctas, -(-rows // TILE_ROWS), MAX_SPLITS))
-
-
 def choose_warpgroups(ctas, device):
     """Two warpgroups per CTA (one CTA per SM) unless the `ctas` CTAs of a split outnumber the
     SMs: then one, so that several CTAs share an SM and every CTA is resident from the start."""
@@ -585,12 +575,9 @@ def choose_warpgroups(ctas, device):
 def choose_pairing(batch, kv_heads, group, device):
     """Pair adjacent KV heads in one CTA where decode streams the cache from DRAM: one q head per
     KV head, with more (row, KV head) pairs than SMs, and enough that the pairs' CTAs still
-    cover two thirds of the SMs. Measured with 8 KV heads at L = 16384: batch 32 paired 0.9%
-    faster on the H200 and 0.1-1% on H100s, batch 24 0-0.6% on the H200; batch 20 (80 paired
-    CTAs) no faster on the H200, and 2% slower on the H100 with one warpgroup per CTA. With
-    grouped queries pairing did not pay on the H200 (2 q heads per KV head: 0.8% slower; 4:
-    1.8% slower at L = 4096, 1-1.7% faster at 16384), so it is left to the `paired` override
-    (even KV head count, at most 4 q heads per KV head)."""
+    cover two thirds of the SMs (the thresholds and their timings: README). With grouped
+    queries pairing did not pay, so it is left to the `paired` override (even KV head count,
+    at most 4 q heads per KV head)."""
     return group == 1 and kv_heads % 2 == 0 and 3 * batch * kv_heads >= 4 * num_sms(device)
 
 
@@ -616,7 +603,7 @@ def parallax_decode_cute(q, r, k_cache, v_cache, cache_seqlens, window, scale, o
                          f"{MAX_GROUP // 2} q heads per KV head, got {Hkv} and {group}")
     kv_per_cta = 2 if paired else 1
     ctas = B * Hkv // kv_per_cta  # of one split
-    splits = num_splits or choose_num_splits(ctas, Lmax * kv_per_cta, device)
+    splits = num_splits or choose_num_splits(ctas, Lmax * kv_per_cta, TILE_ROWS, device, MAX_SPLITS)
     warpgroups = warpgroups or choose_warpgroups(ctas, device)
     dtype = _TORCH_TO_CUTE[q.dtype]
     elem = q.element_size()

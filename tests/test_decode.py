@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from parallax_decode import (parallax_decode_reference, decode_backend, parallax_decode,
-                             parallax_decode_triton)
+from parallax_kernels import decode_backend, parallax_decode, parallax_decode_reference, parallax_decode_triton
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
