@@ -53,6 +53,12 @@ def _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN: tl.constexpr, WINDOWE
 
 
 @triton.jit
+def _visible(pos, lo, kpos):
+    """(query rows, keys) bool: the visibility rule in row bounds, lo_i <= j <= pos_i."""
+    return (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None])
+
+
+@triton.jit
 def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
                  D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query rows: offsets, validity, key bounds, the q and K/V row offsets, and the
@@ -82,7 +88,7 @@ def _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2, 
     s = tl.dot(q, tl.trans(k)) * scale_log2
     u = tl.dot(r, tl.trans(k))
     # u stays finite (masked loads are 0), so p * u = 0 where p = 0
-    s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None]), s, float("-inf"))
+    s = tl.where(_visible(pos, lo, kpos), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -126,7 +132,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
 def _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2):
     """Recomputed softmax probabilities of a (query rows, keys) tile."""
     p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
-    return tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None]), p, 0.0)
+    return tl.where(_visible(pos, lo, kpos), p, 0.0)
 
 
 @triton.jit
