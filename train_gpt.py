@@ -692,9 +692,12 @@ def all_reduce_mean_(tensors: list, world_size: int):
         t.div_(world_size)
 
 
-def allow_recompiles():
-    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8."""
+def configure_compile():
+    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8.
+    The window reaches GPT.forward as a Python int: specialize on it (a graph per window stage, windows
+    stay ints for the kernels) instead of turning it symbolic once it changes."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.specialize_int = True
 
 
 def synchronize(device: torch.device):
@@ -738,7 +741,7 @@ class Trainer:
         self.optimizers, self.averaged_params, self.muon = make_optimizers(self.model, hp, device)
         self.compiled = self.model
         if device.type == "cuda" and hp.compile:
-            allow_recompiles()
+            configure_compile()
             self.compiled = torch.compile(self.model)
 
     def train_batches(self):
@@ -998,7 +1001,7 @@ class DecodeStep:
         self.args = (model, cache)
         self.step = decode_step
         if use_compile:
-            allow_recompiles()
+            configure_compile()
             self.step = torch.compile(decode_step, dynamic=False)
         self.graph = None
         if not use_graph:

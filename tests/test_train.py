@@ -173,6 +173,29 @@ def test_schedules():
     assert model.layer_windows(1792) == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
 
 
+@pytest.mark.parametrize("attention", ["parallax", "softmax"])
+def test_compiled_forward_specializes_on_the_window(attention):
+    """The window reaches GPT.forward as a Python int: as configured for training, torch.compile builds
+    one graph per window with no symbolic scalar input (the kernels and masks take Python ints)."""
+    graphs = []
+
+    def record_scalar_inputs(gm, example_inputs):
+        graphs.append([x for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    model = tg.GPT(tiny_config(attention))
+    tokens, cu_seqlens = packed_batch([100, 156])
+    doc_ids = tg.document_ids(cu_seqlens, tokens.numel()) if attention == "softmax" else None
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_int=False, recompile_limit=8):
+        tg.configure_compile()
+        compiled = torch.compile(model, backend=record_scalar_inputs)
+        for window in (32, 64, 16):
+            compiled(tokens, tokens.long(), cu_seqlens=cu_seqlens, window=window, doc_ids=doc_ids)
+    torch._dynamo.reset()
+    assert graphs == [[], [], []]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("attention", ["parallax", "softmax"])
 def test_compiled_model_matches_eager_gpu(attention):
