@@ -28,8 +28,6 @@ import triton.language as tl
 from parallax_reference import (HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, choose_num_splits,
                                 parallax_decode_reference, parallax_output)
 
-CUTE_HEAD_RATIOS = (1, 2, 4, 8)
-
 
 # ----------------------------------------------------------------------------------------------
 # Public API
@@ -145,15 +143,11 @@ def check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, ou
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     B, _, Hq, D = q.shape
     Lmax, Hkv = k_cache.shape[1:3]
-    if backend == "cute" and Hq // Hkv not in CUTE_HEAD_RATIOS:
-        raise ValueError(f"head ratio Hq/Hkv = {Hq // Hkv} is not supported by the CuTe DSL decode "
-                         f"kernel; supported: {CUTE_HEAD_RATIOS}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride in the head dim, got strides {x.stride()}")
-        if backend == "cute" and (x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1])):
-            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 "
-                             f"elements for the CuTe DSL kernel, got strides {x.stride()}")
+    if backend == "cute":
+        _cute_kernel(q.device).check_inputs(q, k_cache, v_cache)
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
         raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
