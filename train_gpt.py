@@ -3,7 +3,6 @@
     ./run.sh                                        # every GPU of this node, through torchrun
     SMOKE=1 python train_gpt.py                     # tiny CPU check (on the shards TRAIN_FILES names)
     python train_gpt.py sample --checkpoint checkpoints/<run-id>/state_step001385.pt --prompt "The"
-    python train_gpt.py bench-sample                # decode tokens/s of the speedrun-size model
 
 The architecture is the FlexAttention era of modded-nanoGPT (records of January 2025): RMS norms
 without gains, half-truncated rotary embeddings, QK-norm, ReLU^2 MLP, value embeddings on the first
@@ -23,8 +22,8 @@ records' 8-GPU configuration). Each of W ranks (W divides micro_batches) runs mi
 micro-batches per step and accumulates gradients, so 1, 2, 4 or 8 GPUs train the same tokens in the
 same order.
 
-Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of train_gpt.py,
-parallax_kernels.py and muon.py, versions and GPU, then `step:N/T val_loss:X train_time:Yms
+Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of this file and of the
+modules it trains with (LOGGED_SOURCES), versions and GPU, then `step:N/T val_loss:X train_time:Yms
 step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory) and
 checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0).
 """
@@ -47,14 +46,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import metadata
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import parallax_kernels
+from gpt2_data import BOS, DATA_HINT, GPT2_VOCAB, HEADER_BYTES, load_gpt2_encoding, read_shard_header
+from parallax_kernels import document_ids, parallax_attn, parallax_decode, parallax_reference, visible
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -64,7 +63,7 @@ import parallax_kernels
 class Hyperparameters:
     run_name: str = ""  # names logs/<run-id>.txt and checkpoints/<run-id>/; default <attention>-<random hex>
     seed: int = 0  # model initialization (the data order is fixed)
-    # data: modded-nanoGPT shards (see load_shard)
+    # data: modded-nanoGPT shards (see gpt2_data.py)
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     val_tokens: int = 10_485_760  # fixed for comparable val losses; a multiple of world_size * seq_len
@@ -177,43 +176,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int):
 # ----------------------------------------------------------------------------------------------
 # Data: shards and the distributed loader
 
-BOS = 50256  # GPT-2's <|endoftext|>: every document starts with it
-GPT2_VOCAB = 50257
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_BYTES = 256 * 4
-DATA_HINT = ("fetch FineWeb with `python data/cached_fineweb10B.py`, or point TRAIN_FILES / VAL_FILES "
-             "at your shards")
-
-
-def read_shard_header(path) -> int:
-    """Check a shard's header against its size; return its token count (ValueError naming the problem).
-    data/cached_fineweb10B.py's read_header checks the same format for the data scripts: this file keeps
-    its own copy so that it, and the code its logs carry, stand alone."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such shard; {DATA_HINT}") from None
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=3)
-    if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: wrong version {header[1]} (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size < expected:
-        raise ValueError(f"{path}: truncated: {size} bytes, but the header announces {num_tokens} tokens "
-                         f"({expected} bytes)")
-    if size > expected:
-        raise ValueError(f"{path}: {size - expected} trailing bytes after the {num_tokens} tokens its header "
-                         "announces")
-    return num_tokens
-
 
 def load_shard(path, pin_memory=False) -> Tensor:
-    """The uint16 tokens of one shard (256 int32 of header: magic, version, token count; then tokens)."""
+    """The uint16 tokens of one shard (format: gpt2_data.py)."""
     num_tokens = read_shard_header(path)
     tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
     target = memoryview(tokens.numpy()).cast("B")  # read straight into the (pinned) tensor
@@ -336,16 +301,10 @@ def check_enough_tokens(pattern: str, needed: int, what: str):
 FLEX_BLOCK = 128  # FlexAttention's block size; training sequences are multiples of it
 
 
-def document_ids(cu_seqlens: Tensor, T: int) -> Tensor:
-    positions = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens, positions, right=True) - 1
-
-
 def dense_visibility(doc_ids: Tensor, window: int) -> Tensor:
-    """(T, T) bool: query i sees key j when j <= i, i - j < window and both are in one document."""
+    """(T, T) bool: which key each query sees (parallax_kernels.visible)."""
     i = torch.arange(doc_ids.numel(), device=doc_ids.device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window) & (doc_ids[:, None] == doc_ids[None, :])
+    return visible(i[:, None], i[None, :], window, doc_ids)
 
 
 def flex_block_mask(doc_ids: Tensor, window: int) -> BlockMask:
@@ -363,11 +322,11 @@ def flex_block_mask(doc_ids: Tensor, window: int) -> BlockMask:
     all_visible = (offset > 0) & (offset + FLEX_BLOCK - 1 < window) & (q_first == q_last) & (q_last == k_first) \
         & (k_first == k_last)
 
-    def visible(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (doc_ids[q_idx] == doc_ids[kv_idx])
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(q_idx, kv_idx, window, doc_ids)
 
     return BlockMask.from_kv_blocks(*_block_lists(some_visible & ~all_visible), *_block_lists(all_visible),
-                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible)
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
 
 
 def _block_lists(mask: Tensor):
@@ -381,7 +340,7 @@ def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, 
                      doc_ids: Tensor | None = None):
     """attend(layer, q, r, k, v) -> (1, T, H, D) for documents packed with cu_seqlens (B = 1).
 
-    Parallax: the Triton kernel on CUDA, the fp32 reference on the CPU. Softmax (r is None):
+    Parallax: the Triton kernel on CUDA, the fp32 reference on the CPU. Softmax:
     FlexAttention with the document + window block mask when use_flex (CUDA, compiled), else SDPA
     with a dense (T, T) boolean mask (eager runs; T^2 bytes per window size). windows[layer] is the
     number of visible keys, the diagonal included. doc_ids (document_ids of cu_seqlens) may be given:
@@ -390,12 +349,11 @@ def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, 
     if parallax:
         if cu_seqlens.is_cuda:
             def attend(layer, q, r, k, v):
-                return parallax_kernels.parallax_attn(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
-                                                      scale=scale)
+                return parallax_attn(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer], scale=scale)
         else:
             def attend(layer, q, r, k, v):
-                return parallax_kernels.parallax_reference(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
-                                                           scale=scale).type_as(q)
+                return parallax_reference(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
+                                          scale=scale).type_as(q)
         return attend
 
     if doc_ids is None:
@@ -439,6 +397,11 @@ class GPTConfig:
     r_gain_init: float = 0.0
     r_norm: bool = True
     r_rotary: bool = True
+
+    @property
+    def parallax(self) -> bool:
+        """The attention switch: Parallax, or softmax (no r)."""
+        return self.attention == "parallax"
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -497,7 +460,7 @@ class CausalSelfAttention(nn.Module):
         self.k = CastedLinear(config.model_dim, hdim)
         self.v = CastedLinear(config.model_dim, hdim)
         self.r = self.r_gain = None
-        if config.attention == "parallax":
+        if config.parallax:
             self.r = CastedLinear(config.model_dim, hdim)
             self.r_norm, self.r_rotary = config.r_norm, config.r_rotary
             gain_shape = {"head": (config.num_heads, 1), "channel": (config.num_heads, config.head_dim)}
@@ -561,7 +524,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(config.num_layers // 2))  # U-net: encoder i -> decoder L-1-i
         self.lm_head = CastedLinear(config.model_dim, config.vocab_size, zero_init=True)
-        self.set_window(config.final_window)
 
     def embeddings_to(self, dtype: torch.dtype) -> "GPT":
         """Activations in dtype from the embeddings on; the linear weights stay fp32 for the optimizers."""
@@ -569,12 +531,15 @@ class GPT(nn.Module):
         self.value_embeds.to(dtype)
         return self
 
-    def set_window(self, long_window: int):
+    def layer_windows(self, long_window: int | None = None) -> list:
         """Per-layer windows, a Python int each (torch.compile specializes on them): long on every 4th layer
-        counted from the outside in (records: L S S S L S | S L S S S L), half as long elsewhere."""
+        counted from the outside in (records: L S S S L S | S L S S S L), half as long elsewhere. The
+        default long window is the last one of training."""
+        if long_window is None:
+            long_window = self.config.final_window
         L = self.config.num_layers
         short_window = max(1, long_window // 2)
-        self.layer_windows = [long_window if min(i, L - 1 - i) % 4 == 0 else short_window for i in range(L)]
+        return [long_window if min(i, L - 1 - i) % 4 == 0 else short_window for i in range(L)]
 
     def hidden_states(self, tokens: Tensor, positions: Tensor, attend) -> Tensor:
         """The trunk: tokens (B, T) at positions (T,) or (B, T) -> final-normed states (B, T, model_dim)."""
@@ -597,15 +562,16 @@ class GPT(nn.Module):
         return self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, *, cu_seqlens: Tensor,
-                doc_ids: Tensor | None = None):
+                window: int | None = None, doc_ids: Tensor | None = None):
         """Packed documents input_seq (T,) with boundaries cu_seqlens -> mean cross-entropy against
-        target_seq, or the (T, vocab) logits when no targets are given. doc_ids: document_ids(cu_seqlens,
-        T), which a compiled softmax model needs as an input (see packed_attention)."""
+        target_seq, or the (T, vocab) logits when no targets are given. window: the long window (see
+        layer_windows; default the last of training). doc_ids: document_ids(cu_seqlens, T), which a
+        compiled softmax model needs as an input (see packed_attention)."""
         T = input_seq.numel()
         positions = torch.arange(T, device=input_seq.device)
         # FlexAttention only when compiled: eager flex materializes every (T, T) score matrix.
         use_flex = input_seq.is_cuda and T % FLEX_BLOCK == 0 and torch.compiler.is_compiling()
-        attend = packed_attention(self.config.attention == "parallax", cu_seqlens, T, self.layer_windows,
+        attend = packed_attention(self.config.parallax, cu_seqlens, T, self.layer_windows(window),
                                   self.config.attn_scale, use_flex=use_flex, doc_ids=doc_ids)
         logits = self.logits(self.hidden_states(input_seq[None], positions, attend)[0])
         if target_seq is None:
@@ -694,10 +660,15 @@ def environment_report() -> str:
     return "\n".join(lines)
 
 
+# The code a training run executes: this file and the project modules it trains with.
+LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
+                  "parallax_reference.py", "muon.py")
+
+
 def write_log_header(log: RunLog, hp: Hyperparameters):
     log.write("hyperparameters: " + json.dumps(asdict(hp)))
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("train_gpt.py", "parallax_kernels.py", "muon.py"):
+    for name in LOGGED_SOURCES:
         log.write(f"==== {name} ====")
         path = os.path.join(here, name)
         log.write(open(path).read() if os.path.exists(path) else "(missing)")
@@ -771,9 +742,12 @@ def all_reduce_mean_(tensors: list, world_size: int):
         t.div_(world_size)
 
 
-def allow_recompiles():
-    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8."""
+def configure_compile():
+    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8.
+    The window reaches GPT.forward as a Python int: specialize on it (a graph per window stage, windows
+    stay ints for the kernels) instead of turning it symbolic once it changes."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.specialize_int = True
 
 
 def synchronize(device: torch.device):
@@ -801,6 +775,101 @@ def train(hp: Hyperparameters) -> int:
             dist.destroy_process_group()
 
 
+class Trainer:
+    """One rank's model, compiled step and optimizers: a training step, validation and the warm-up."""
+
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+        self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
+        self.grad_accum = hp.micro_batches // world_size
+        torch.manual_seed(hp.seed)
+        self.model = GPT(model_config(hp)).to(device)
+        if device.type == "cuda":
+            self.model.embeddings_to(torch.bfloat16)
+        if world_size > 1:
+            for param in self.model.parameters():
+                dist.broadcast(param.detach(), 0)
+        self.optimizers, self.averaged_params, self.muon = make_optimizers(self.model, hp, device)
+        self.compiled = self.model
+        if device.type == "cuda" and hp.compile:
+            configure_compile()
+            self.compiled = torch.compile(self.model)
+
+    def train_batches(self):
+        hp = self.hp
+        return distributed_data_generator(hp.train_files, hp.seq_len, self.rank, self.world_size,
+                                          max_doc_len=hp.max_doc_len, device=self.device)
+
+    def loss(self, batch: Batch, step: int) -> Tensor:
+        if self.compiled is not self.model:
+            torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)  # the number of documents changes every batch
+        # Only softmax attention reads document ids (see packed_attention); Parallax takes cu_seqlens.
+        doc_ids = None if self.model.config.parallax else document_ids(batch.cu_seqlens, batch.inputs.numel())
+        return self.compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens,
+                             window=window_at(step, self.hp), doc_ids=doc_ids)
+
+    def train_step(self, step: int, batches) -> float:
+        """One optimizer step; returns the loss averaged over the global batch. When it is not finite,
+        nothing is updated (Muon would refuse the gradients anyway)."""
+        hp, model = self.hp, self.model
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            loss = self.loss(next(batches), step)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        mean_loss = loss_sum / self.grad_accum
+        all_reduce_mean_([mean_loss] + [p.grad for p in self.averaged_params if p.grad is not None],
+                         self.world_size)
+        if not math.isfinite(mean_loss := mean_loss.item()):
+            model.zero_grad(set_to_none=True)
+            return mean_loss
+        multiplier = lr_multiplier(step, hp)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        if self.muon is not None:
+            warmup = min(step / hp.muon_momentum_warmup_steps, 1) if hp.muon_momentum_warmup_steps else 1
+            for group in self.muon.param_groups:
+                group["momentum"] = (1 - warmup) * hp.muon_momentum_start + warmup * hp.muon_momentum
+        for optimizer in self.optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return mean_loss
+
+    @torch.no_grad()
+    def evaluate(self, step: int, max_batches=None) -> float:
+        hp = self.hp
+        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, self.rank, self.world_size,
+                                     device=self.device)
+        val_loss = torch.stack([self.loss(batch, step) for batch in itertools.islice(batches, max_batches)]).mean()
+        all_reduce_mean_([val_loss], self.world_size)
+        return val_loss.item()
+
+    def warm_up(self, master: bool):
+        """Compile every graph the run will use (a training step and a validation batch per window stage)
+        on the first batches, outside the timed region; then restore the initial weights and optimizer
+        states, as the records do."""
+        initial_model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        initial_optimizers = [optimizer.state_dict() for optimizer in self.optimizers]
+        batches = self.train_batches()
+        first_batches = [next(batches) for _ in range(self.grad_accum)]
+        stage_steps = {}  # window -> the first step that uses it (validation at the last step included)
+        for step in range(self.hp.num_iterations + 1):
+            stage_steps.setdefault(window_at(step, self.hp), step)
+        start = time.perf_counter()
+        for i, (window, step) in enumerate(stage_steps.items()):
+            if master:
+                print(f"warm-up: window {window} ({i + 1}/{len(stage_steps)}), {time.perf_counter() - start:.0f}s "
+                      "so far", flush=True)
+            self.train_step(step, iter(first_batches))
+            self.evaluate(step, max_batches=1)
+        self.model.load_state_dict(initial_model)
+        for optimizer, state in zip(self.optimizers, initial_optimizers):
+            optimizer.load_state_dict(state)
+        synchronize(self.device)
+        if master:
+            print(f"warm-up done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
 def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device) -> int:
     master = rank == 0
     check_enough_tokens(hp.train_files, hp.num_iterations * hp.micro_batches * hp.seq_len + 1,
@@ -811,75 +880,31 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     if master:
         print(f"logging to logs/{hp.run_name}.txt", flush=True)
     write_log_header(log, hp)
-    grad_accum = hp.micro_batches // world_size
-
-    torch.manual_seed(hp.seed)
-    model = GPT(model_config(hp)).to(device)
-    if device.type == "cuda":
-        model.embeddings_to(torch.bfloat16)
-    if world_size > 1:
-        for param in model.parameters():
-            dist.broadcast(param.detach(), 0)
-    counts = {"total": sum(p.numel() for p in model.parameters()),
-              "blocks": sum(p.numel() for p in model.blocks.parameters())}
-    log.write(f"model: {counts['total']:,} parameters ({counts['blocks']:,} in the blocks); {hp.attention} "
-              f"attention, MLP hidden {model.config.mlp_hidden}; {world_size} rank(s) x {grad_accum} micro-batches "
+    trainer = Trainer(hp, rank, world_size, device)
+    model = trainer.model
+    log.write(f"model: {sum(p.numel() for p in model.parameters()):,} parameters "
+              f"({sum(p.numel() for p in model.blocks.parameters()):,} in the blocks); {hp.attention} attention, "
+              f"MLP hidden {model.config.mlp_hidden}; {world_size} rank(s) x {trainer.grad_accum} micro-batches "
               f"of {hp.seq_len} tokens per step; device {device}", echo=True)
-    optimizers, averaged_params, muon = make_optimizers(model, hp, device)
-    compiled = model
-    if device.type == "cuda" and hp.compile:
-        allow_recompiles()
-        compiled = torch.compile(model)
-    train_loader = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size,
-                                              max_doc_len=hp.max_doc_len, device=device)
+    if trainer.compiled is not model:
+        trainer.warm_up(master)
+    status = training_loop(trainer, log, master)
+    if status == 0:
+        if master:
+            path = checkpoint_path(hp, hp.num_iterations)
+            save_checkpoint(path, model, hp, hp.num_iterations)
+            print(f"checkpoint: {path}", flush=True)
+        allocated, reserved = peak_memory(device)
+        log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
+    log.close()
+    return status
 
-    def run_model(batch: Batch) -> Tensor:
-        if compiled is not model:
-            torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)  # the number of documents changes every batch
-        # Only softmax attention reads document ids (see packed_attention); Parallax takes cu_seqlens.
-        doc_ids = document_ids(batch.cu_seqlens, batch.inputs.numel()) if hp.attention == "softmax" else None
-        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens, doc_ids=doc_ids)
 
-    def train_step(step: int, batches) -> float:
-        """One optimizer step; returns the loss averaged over the global batch. When it is not finite,
-        nothing is updated (Muon would refuse the gradients anyway)."""
-        model.set_window(window_at(step, hp))
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            loss = run_model(next(batches))
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        mean_loss = loss_sum / grad_accum
-        all_reduce_mean_([mean_loss] + [p.grad for p in averaged_params if p.grad is not None], world_size)
-        if not math.isfinite(mean_loss := mean_loss.item()):
-            model.zero_grad(set_to_none=True)
-            return mean_loss
-        multiplier = lr_multiplier(step, hp)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        if muon is not None:
-            warmup = min(step / hp.muon_momentum_warmup_steps, 1) if hp.muon_momentum_warmup_steps else 1
-            for group in muon.param_groups:
-                group["momentum"] = (1 - warmup) * hp.muon_momentum_start + warmup * hp.muon_momentum
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return mean_loss
-
-    @torch.no_grad()
-    def evaluate(step: int, max_batches=None) -> float:
-        model.set_window(window_at(step, hp))
-        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, rank, world_size, device=device)
-        losses = [run_model(batch) for batch in itertools.islice(batches, max_batches)]
-        val_loss = torch.stack(losses).mean()
-        all_reduce_mean_([val_loss], world_size)
-        return val_loss.item()
-
-    if compiled is not model:
-        warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world_size, device, master)
-
-    checkpoint_dir = os.path.join("checkpoints", hp.run_name)
+def training_loop(trainer: Trainer, log: RunLog, master: bool) -> int:
+    """Validate every val_every steps and at the end, train num_iterations steps, checkpoint every
+    save_every; the clock (train_time) stops for validation and checkpoints. 1 when the loss is not finite."""
+    hp, device = trainer.hp, trainer.device
+    batches = trainer.train_batches()
     last_checkpoint = None
     training_time_ms = 0.0
     synchronize(device)
@@ -889,24 +914,22 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
         if last_step or (hp.val_every > 0 and step % hp.val_every == 0):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = evaluate(step)
+            val_loss = trainer.evaluate(step)
             log.write(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                       f"step_avg:{training_time_ms / max(step, 1):.2f}ms", echo=True)
             synchronize(device)
             t0 = time.perf_counter()
         if last_step:
-            break
+            return 0
 
         try:
-            loss = train_step(step, train_loader)
+            loss = trainer.train_step(step, batches)
         except StopIteration:
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss):
-            message = (f"step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last good "
-                       f"checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}")
-            log.write(message, echo=True)
-            log.close()
+            log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last good "
+                      f"checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}", echo=True)
             return 1
         log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
@@ -915,49 +938,22 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             if master:
-                last_checkpoint = os.path.join(checkpoint_dir, f"state_step{step + 1:06d}.pt")
-                save_checkpoint(last_checkpoint, model, hp, step + 1)
+                last_checkpoint = checkpoint_path(hp, step + 1)
+                save_checkpoint(last_checkpoint, trainer.model, hp, step + 1)
             t0 = time.perf_counter()
 
-    if master:
-        last_checkpoint = os.path.join(checkpoint_dir, f"state_step{hp.num_iterations:06d}.pt")
-        save_checkpoint(last_checkpoint, model, hp, hp.num_iterations)
-        print(f"checkpoint: {last_checkpoint}", flush=True)
+
+def checkpoint_path(hp: Hyperparameters, step: int) -> str:
+    return os.path.join("checkpoints", hp.run_name, f"state_step{step:06d}.pt")
+
+
+def peak_memory(device: torch.device) -> tuple:
+    """(allocated, reserved) peak bytes: the CUDA allocator's, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
-        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    else:
-        import resource
-        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
-    log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
-    log.close()
-    return 0
-
-
-def warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world_size, device, master):
-    """Compile every graph the run will use (a training step and a validation batch per window stage)
-    on the first batches, outside the timed region; then restore the initial weights and optimizer
-    states, as the records do."""
-    initial_model = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    initial_optimizers = [optimizer.state_dict() for optimizer in optimizers]
-    batches = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size, max_doc_len=hp.max_doc_len,
-                                         device=device)
-    first_batches = [next(batches) for _ in range(grad_accum)]
-    stage_steps = {}  # window -> the first step that uses it (validation at the last step included)
-    for step in range(hp.num_iterations + 1):
-        stage_steps.setdefault(window_at(step, hp), step)
-    start = time.perf_counter()
-    for i, (window, step) in enumerate(stage_steps.items()):
-        if master:
-            print(f"warm-up: window {window} ({i + 1}/{len(stage_steps)}), {time.perf_counter() - start:.0f}s so far",
-                  flush=True)
-        train_step(step, iter(first_batches))
-        evaluate(step, max_batches=1)
-    model.load_state_dict(initial_model)
-    for optimizer, state in zip(optimizers, initial_optimizers):
-        optimizer.load_state_dict(state)
-    synchronize(device)
-    if master:
-        print(f"warm-up done in {time.perf_counter() - start:.0f}s", flush=True)
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, peak
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,7 +981,7 @@ def prefill(model: GPT, cache: KVCache, prompts: list) -> Tensor:
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device, torch.int32)
     positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
     rows = torch.repeat_interleave(cache.rows, lengths.to(device))
-    inner = packed_attention(model.config.attention == "parallax", cu_seqlens, tokens.numel(), model.layer_windows,
+    inner = packed_attention(model.config.parallax, cu_seqlens, tokens.numel(), model.layer_windows(),
                              model.config.attn_scale, use_flex=False)
 
     def attend(layer, q, r, k, v):
@@ -998,80 +994,77 @@ def prefill(model: GPT, cache: KVCache, prompts: list) -> Tensor:
     return model.logits(x[cu_seqlens[1:].long() - 1])
 
 
-def cached_attention(q, r, k_cache, v_cache, lengths, window: int, scale: float, decode_path: str):
+def cached_attention(parallax: bool, q, r, k_cache, v_cache, lengths, window: int, scale: float):
     """One new query per row (B, 1, H, D) over its row's cache; lengths (B,) counts the valid keys, the
-    new one included. Parallax through parallax_kernels.parallax_decode (decode_path="kernel") or the
-    fp32 reference row by row ("reference"); softmax (r is None) through SDPA with a length mask."""
-    if r is None:
-        key_pos = torch.arange(k_cache.size(1), device=q.device)
-        query_pos = (lengths - 1).long()[:, None]
-        visible = (key_pos <= query_pos) & (key_pos > query_pos - window)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                           attn_mask=visible[:, None, None, :], scale=scale)
-        return y.transpose(1, 2)
-    if decode_path == "reference":
-        decode = parallax_kernels.parallax_decode_reference
-    else:
-        decode = parallax_kernels.parallax_decode
-    return decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
+    new one included. Parallax through parallax_decode; softmax through SDPA with a length mask."""
+    if parallax:
+        return parallax_decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
+    key_pos = torch.arange(k_cache.size(1), device=q.device)
+    seen = visible((lengths - 1).long()[:, None], key_pos, window)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=seen[:, None, None, :], scale=scale)
+    return y.transpose(1, 2)
 
 
 @torch.compiler.disable  # eager inside a compiled step too: in-place cache writes, opaque kernels
-def store_and_attend(cache: KVCache, layer: int, positions, lengths, q, r, k, v, window: int, scale: float,
-                     decode_path: str):
+def store_and_attend(config: GPTConfig, cache: KVCache, layer: int, positions, lengths, q, r, k, v, window: int):
     cache.k[layer][cache.rows, positions] = k[:, 0]
     cache.v[layer][cache.rows, positions] = v[:, 0]
-    return cached_attention(q, r, cache.k[layer], cache.v[layer], lengths, window, scale, decode_path)
+    return cached_attention(config.parallax, q, r, cache.k[layer], cache.v[layer], lengths, window, config.attn_scale)
 
 
-def decode_step(model: GPT, cache: KVCache, tokens: Tensor, decode_path: str) -> Tensor:
+def decode_step(model: GPT, cache: KVCache, tokens: Tensor) -> Tensor:
     """Feed one token per row (B,), append its keys and values, advance the lengths; -> logits (B, vocab).
     Only in-place updates of preallocated tensors, so the whole step can be captured in a CUDA graph."""
     positions = cache.lengths.long()  # where the new token goes
     lengths = cache.lengths + 1
+    windows = model.layer_windows()
 
     def attend(layer, q, r, k, v):
-        return store_and_attend(cache, layer, positions, lengths, q, r, k, v, model.layer_windows[layer],
-                                model.config.attn_scale, decode_path)
+        return store_and_attend(model.config, cache, layer, positions, lengths, q, r, k, v, windows[layer])
 
     x = model.hidden_states(tokens[:, None], positions[:, None], attend)
     cache.lengths.copy_(lengths)
     return model.logits(x[:, 0])
 
 
+def capture_cuda_graph(fn, warmup_calls: int = 2):
+    """Run fn for real on a side stream first (compiling kernels, allocating workspaces), then capture
+    one call of it; -> (the graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 class DecodeStep:
     """decode_step, eager or replayed from a CUDA graph (static token buffer, cache lengths in place);
     with use_compile the step is torch.compiled first, fusing the small ops between the matmuls."""
 
-    def __init__(self, model, cache, decode_path="kernel", use_graph=False, use_compile=False):
+    def __init__(self, model, cache, use_graph=False, use_compile=False):
         self.args = (model, cache)
-        self.decode_path = decode_path
         self.step = decode_step
         if use_compile:
-            allow_recompiles()
+            configure_compile()
             self.step = torch.compile(decode_step, dynamic=False)
         self.graph = None
         if not use_graph:
             return
         if cache.lengths.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if decode_path == "reference":
-            raise ValueError("the reference decode path reads the lengths on the host: it cannot run in a CUDA graph")
         self.tokens = torch.zeros_like(cache.rows)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # run it for real first: compiles kernels, allocates workspaces
-            for _ in range(2):
-                self.step(model, cache, self.tokens, decode_path)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.lengths.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(model, cache, self.tokens, decode_path)
+        self.graph, self.logits = capture_cuda_graph(lambda: self.step(model, cache, self.tokens))
+        cache.lengths.zero_()  # the warm-up calls advanced them; the graph reads them at replay
 
     def __call__(self, tokens: Tensor) -> Tensor:
         if self.graph is None:
-            return self.step(*self.args, tokens, self.decode_path)
+            return self.step(*self.args, tokens)
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
@@ -1097,8 +1090,7 @@ class Generation(NamedTuple):
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0, top_k=None, seed=0,
-             stop_token: int | None = BOS, use_graph=False, use_compile=False, decode_path="kernel",
-             on_token=None) -> Generation:
+             stop_token: int | None = BOS, use_graph=False, use_compile=False, on_token=None) -> Generation:
     """Continue every prompt (lists of token ids, each starting with BOS) by up to max_new_tokens,
     stopping a row at stop_token. Rows keep their own cache lengths, so prompts may differ in length.
     on_token(row, token) is called for every new token as it is sampled."""
@@ -1109,7 +1101,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0,
     weight = model.lm_head.weight
     device = weight.device
     cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens, device, weight.dtype)
-    step = DecodeStep(model, cache, decode_path, use_graph, use_compile)  # captured before the prefill fills the cache
+    step = DecodeStep(model, cache, use_graph, use_compile)  # captured before the prefill fills the cache
     generator = torch.Generator(device).manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
@@ -1136,21 +1128,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0,
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: sample, bench-sample
-
-
-def load_gpt2_encoding(bpe_file=None):
-    """tiktoken's GPT-2 encoding (downloaded and cached by tiktoken once), or built offline from a local
-    GPT-2 ranks file in tiktoken's format."""
-    import tiktoken
-
-    if bpe_file is None:
-        return tiktoken.get_encoding("gpt2")
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer split
-
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=load_tiktoken_bpe(bpe_file),
-                             special_tokens={"<|endoftext|>": BOS})
+# Command line: train (no command) and sample
 
 
 class TextStream:
@@ -1220,42 +1198,6 @@ def sample_main(args) -> int:
     return 0
 
 
-def bench_sample_main(args) -> int:
-    device = inference_device()
-    if device.type != "cuda":
-        print("no CUDA device: timing the CPU path (no CUDA graphs)", file=sys.stderr)
-    try:
-        backend = parallax_kernels.decode_backend(device)
-    except (AttributeError, ImportError) as err:
-        backend = f"unavailable ({err})"
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; parallax decode backend: "
-          f"{backend}; prompt {args.prompt_len} tokens, {args.new_tokens} new")
-    print(f"{'attention':>9} {'batch':>5} {'graph':>5} {'compile':>7} {'prefill ms':>10} {'ms/step':>8} "
-          f"{'tokens/s':>9}")
-    generator = torch.Generator().manual_seed(0)
-    for attention in args.attention:
-        torch.manual_seed(0)
-        model = prepare_for_inference(GPT(model_config(Hyperparameters(attention=attention))), device)
-        with torch.no_grad():  # random weights everywhere, so no layer is skipped by a zero
-            for param in model.parameters():
-                if param.ndim == 2 and not param.abs().sum():
-                    param.normal_(0, 0.02)
-        for batch_size in args.batch_sizes:
-            prompts = [[BOS] + torch.randint(0, BOS, (args.prompt_len - 1,), generator=generator).tolist()
-                       for _ in range(batch_size)]
-            for use_graph in ([True, False] if device.type == "cuda" else [False]):
-                options = dict(temperature=0.8, top_k=50, stop_token=None, use_graph=use_graph,
-                               use_compile=args.compile)
-                generate(model, prompts, min(8, args.new_tokens), **options)  # compile and tune first
-                result = generate(model, prompts, args.new_tokens, **options)
-                steps = args.new_tokens - 1  # decode steps after the prefill's token
-                print(f"{attention:>9} {batch_size:>5} {'on' if use_graph else 'off':>5} "
-                      f"{'on' if args.compile else 'off':>7} {1000 * result.prefill_s:>10.1f} "
-                      f"{1000 * result.decode_s / max(steps, 1):>8.3f} "
-                      f"{batch_size * args.new_tokens / result.decode_s:>9.0f}", flush=True)
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the Parallax speedrun GPT (no command; run it under torchrun, "
                                                  "settings through environment variables), or sample from it.")
@@ -1272,19 +1214,11 @@ def main(argv=None) -> int:
     sample.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     sample.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; faster)")
     sample.add_argument("--bpe-file", help="local GPT-2 ranks file in tiktoken's format, to work offline")
-    bench = commands.add_parser("bench-sample", help="decode tokens/s of the speedrun-size model, random weights")
-    bench.add_argument("--attention", nargs="+", default=["parallax", "softmax"], choices=["parallax", "softmax"])
-    bench.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    bench.add_argument("--prompt-len", type=int, default=512)
-    bench.add_argument("--new-tokens", type=int, default=256)
-    bench.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     args = parser.parse_args(argv)
     if args.command == "sample":
         if args.num_samples < 1 or args.max_new_tokens < 1:
             parser.error("--num-samples and --max-new-tokens must be at least 1")
         return sample_main(args)
-    if args.command == "bench-sample":
-        return bench_sample_main(args)
     try:
         return train(hyperparameters_from_env(os.environ))
     except (ValueError, FileNotFoundError) as err:  # settings and data: one line says it

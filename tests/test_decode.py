@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from parallax_decode import (parallax_decode_reference, decode_backend, parallax_decode,
-                             parallax_decode_triton)
+from parallax_kernels import decode_backend, parallax_decode, parallax_decode_reference, parallax_decode_triton
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -131,6 +130,39 @@ def test_validation(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         parallax_decode(**args)
+
+
+# (dtype, head dim, q heads per KV head, splits, warpgroups, paired KV heads): every code path of
+# the kernel's trace (one split and a cluster, one and two warpgroups, paired and not).
+CUTE_VARIANTS = [
+    ("bfloat16", 128, 1, 1, 2, False), ("bfloat16", 128, 2, 3, 2, False), ("float16", 64, 4, 8, 1, False),
+    ("bfloat16", 128, 1, 4, 1, True), ("bfloat16", 64, 8, 2, 2, False), ("float16", 128, 2, 6, 2, True),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests run the kernel itself")
+@pytest.mark.parametrize("variant", CUTE_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_cute_kernel_compiles_for_hopper_without_a_gpu(variant, monkeypatch):
+    """The CuTe DSL kernel traces and compiles to sm_90a code on a CPU, so every change to it is
+    checked by the DSL on every test run, not only on a Hopper machine."""
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    cute_decode = pytest.importorskip("parallax_decode_cute")
+    cutlass = cute_decode.cutlass
+    Int32, Int64, Float32 = cutlass.Int32, cutlass.Int64, cutlass.Float32
+    dtype, head_dim, group, num_splits, warpgroups, paired = variant
+    dtype = cute_decode._TORCH_TO_CUTE[getattr(torch, dtype)]
+    batch, max_len, kv_heads = 2, 1024, 4
+    row = kv_heads * head_dim  # elements per cache position
+
+    def pointer(element, align):  # a made-up address: nothing runs
+        return cute_decode.make_ptr(element, 1 << 20, cute_decode.cute.AddressSpace.gmem, assumed_align=align)
+
+    args = (pointer(dtype, 2), pointer(dtype, 2), pointer(dtype, 16), pointer(dtype, 16), pointer(Int32, 4),
+            pointer(dtype, 2), Int32(batch), Int32(max_len), Int32(kv_heads),
+            Int64(max_len * row), Int32(row), Int32(head_dim), Int64(max_len * row), Int32(row), Int32(head_dim),
+            Int32(max_len), Float32(0.1), cute_decode.cuda.CUstream(0))
+    kernel = cute_decode.ParallaxDecodeSm90(dtype, head_dim, group, num_splits, warpgroups, paired)
+    assert cute_decode.cute.compile(kernel, *args) is not None
 
 
 # ----------------------------------------------------------------------------------------------

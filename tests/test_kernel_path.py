@@ -2,10 +2,9 @@
 against the same runs through the reference.
 
 On the CPU train_gpt.py calls parallax_reference for training attention and parallax_decode's reference
-backend for decode; these tests swap its `parallax_kernels` for a stand-in whose reference entry points
-run the kernels instead (parallax_attn for training and prefill, parallax_decode_triton for decode), so
-the model's calls (arguments, layout, scale, window, documents) reach the kernels unchanged."""
-import types
+backend for decode; these tests replace those two names in train_gpt with stand-ins that run the kernels
+instead (parallax_attn for training and prefill, parallax_decode_triton for decode), so the model's
+calls (arguments, layout, scale, window, documents) reach the kernels unchanged."""
 from dataclasses import replace
 
 import pytest
@@ -32,10 +31,8 @@ def route_through_kernels(monkeypatch):
         half = (x.half() for x in (q, r, k_cache, v_cache))
         return parallax_decode.parallax_decode_triton(*half, lengths, window=window, scale=scale).to(q.dtype)
 
-    stand_in = types.SimpleNamespace(parallax_attn=parallax_kernels.parallax_attn, parallax_reference=attn,
-                                     parallax_decode=decode, decode_backend=parallax_kernels.decode_backend,
-                                     parallax_decode_reference=parallax_kernels.parallax_decode_reference)
-    monkeypatch.setattr(tg, "parallax_kernels", stand_in)
+    monkeypatch.setattr(tg, "parallax_reference", attn)
+    monkeypatch.setattr(tg, "parallax_decode", decode)
     return calls
 
 
@@ -85,17 +82,13 @@ def test_training_steps_through_kernels_match_reference(smoke_run, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter path")
-def test_generation_through_kernels_matches_reference(kernel_calls):
+def test_generation_through_kernels_matches_reference(monkeypatch):
     """Prefill through parallax_attn and decode through the Triton decode kernel give the tokens the
     reference gives (greedy, prompts of different lengths, past the 48-key window)."""
     model = tiny_model("parallax", seed=4)
     short = [PROMPTS[0], PROMPTS[2]] + [[tg.BOS] + list(range(200, 240))]
-    saved = tg.parallax_kernels
-    tg.parallax_kernels = parallax_kernels  # the reference first
-    try:
-        want = tg.generate(model, short, 14, stop_token=None).tokens
-    finally:
-        tg.parallax_kernels = saved
+    want = tg.generate(model, short, 14, stop_token=None).tokens  # the reference first
+    kernel_calls = route_through_kernels(monkeypatch)
     got = tg.generate(model, short, 14, stop_token=None).tokens
     assert kernel_calls["attn"] == model.config.num_layers and kernel_calls["decode"] == 13 * model.config.num_layers
     assert got == want

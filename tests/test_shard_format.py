@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_data
 import train_gpt as tg
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
@@ -20,9 +21,10 @@ MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 
 
 def test_format_constants_are_pinned():
-    assert (tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.HEADER_BYTES) == (MAGIC, VERSION, 4 * HEADER_INTS)
-    assert (fineweb.SHARD_MAGIC, fineweb.SHARD_VERSION, fineweb.HEADER_INTS, fineweb.HEADER_BYTES) == \
+    """gpt2_data states the format once; train_gpt.py and the data scripts read and write through it."""
+    assert (gpt2_data.SHARD_MAGIC, gpt2_data.SHARD_VERSION, gpt2_data.HEADER_INTS, gpt2_data.HEADER_BYTES) == \
         (MAGIC, VERSION, HEADER_INTS, 4 * HEADER_INTS)
+    assert tg.read_shard_header is fineweb.read_shard_header is gpt2_data.read_shard_header
     assert tg.BOS == tokenize_text.BOS == 50256  # GPT-2's end-of-text begins every document
 
 
@@ -37,7 +39,7 @@ def test_a_hand_written_shard_reads_in_both_readers(tmp_path):
     hand_written_shard(tmp_path / "hand.bin", tokens)
     assert tg.read_shard_header(tmp_path / "hand.bin") == len(tokens)
     assert tg.load_shard(tmp_path / "hand.bin").tolist() == tokens
-    assert fineweb.read_header(str(tmp_path / "hand.bin")) == len(tokens)
+    assert fineweb.read_shard_header(str(tmp_path / "hand.bin")) == len(tokens)
 
 
 def test_tokenize_text_writes_the_format_byte_for_byte(tmp_path):

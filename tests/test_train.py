@@ -71,8 +71,9 @@ def test_smoke_run_learns_and_its_log_parses(smoke_run):
     assert np.mean([loss for _, loss in run["train"][-5:]]) < np.mean([loss for _, loss in run["train"][:5]]) - 5
     assert run["peak_allocated_mib"] is not None
     log = open("logs/smoke.txt").read()
-    for section in ("==== train_gpt.py ====", "==== parallax_kernels.py ====", "==== muon.py ===="):
-        assert section in log
+    for name in ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
+                 "parallax_reference.py", "muon.py"):
+        assert f"==== {name} ====" in log
 
     model, checkpoint = tg.load_checkpoint("checkpoints/smoke/state_step000030.pt")
     assert checkpoint["hyperparameters"]["attention"] == "parallax" and checkpoint["step"] == 30
@@ -222,8 +223,30 @@ def test_schedules():
     windows = [tg.window_at(step, hp) for step in range(1001)]
     assert sorted(set(windows)) == list(hp.window_schedule) and windows == sorted(windows)
     model = tg.GPT(tiny_config("softmax", num_layers=12, num_value_embeds=3))
-    model.set_window(1792)
-    assert model.layer_windows == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
+    assert model.layer_windows(1792) == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
+
+
+@pytest.mark.parametrize("attention", ["parallax", "softmax"])
+def test_compiled_forward_specializes_on_the_window(attention):
+    """The window reaches GPT.forward as a Python int: as configured for training, torch.compile builds
+    one graph per window with no symbolic scalar input (the kernels and masks take Python ints)."""
+    graphs = []
+
+    def record_scalar_inputs(gm, example_inputs):
+        graphs.append([x for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    model = tg.GPT(tiny_config(attention))
+    tokens, cu_seqlens = packed_batch([100, 156])
+    doc_ids = tg.document_ids(cu_seqlens, tokens.numel()) if attention == "softmax" else None
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_int=False, recompile_limit=8):
+        tg.configure_compile()
+        compiled = torch.compile(model, backend=record_scalar_inputs)
+        for window in (32, 64, 16):
+            compiled(tokens, tokens.long(), cu_seqlens=cu_seqlens, window=window, doc_ids=doc_ids)
+    torch._dynamo.reset()
+    assert graphs == [[], [], []]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

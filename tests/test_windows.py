@@ -6,15 +6,15 @@ The tile sizes come from the kernel modules, so the windows follow the tiles the
 import pytest
 import torch
 
+import parallax_attn_triton
 import parallax_decode
-import parallax_kernels
 from parallax_decode import parallax_decode_reference, parallax_decode_triton
 from test_parallax_kernels import check_against_reference
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 KERNELS = ("fwd", "dq", "dkdv")
-TILES = {name: parallax_kernels._tile(name) for name in KERNELS}
+TILES = {name: parallax_attn_triton._tile(name) for name in KERNELS}
 # scale multiplies q.k only; its default is D**-0.5 (0.125 at D = 64, 0.088 at D = 128). Training uses 0.12
 # (QK-normed heads, D = 128); at D = 64 a scale far from 0.125 makes ignoring it plainly visible.
 SCALE = {64: 0.3, 128: 0.12}
