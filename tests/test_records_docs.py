@@ -61,3 +61,33 @@ def test_proxy_study_differences_are_welch_on_the_logs():
         assert float(row[1]) == pytest.approx(difference, abs=1e-4)
         assert float(row[2]) == pytest.approx(t, abs=0.01) and float(row[3]) == pytest.approx(df, abs=0.05)
         assert float(row[4]) == pytest.approx(p, abs=0.005)
+
+
+R_STUDY = os.path.join(ROOT, "records", "2026-11-30_parallax-r-study")
+
+
+@pytest.mark.parametrize("wave, seeds", [("confirm", (2, 3, 4, 5)), ("corpus2", (0, 1, 2))])
+def test_r_study_tables_quote_the_logs(wave, seeds):
+    """The r study's confirmation and second-corpus rows: each seed's final loss, the mean and std, the
+    difference from softmax and Welch's p, recomputed from the logs."""
+    runs = [compare.parse_log(path) for path in compare.find_logs([os.path.join(R_STUDY, "logs")])]
+    losses = {}
+    for run in runs:
+        name_wave, rest = run["run_name"].split("-", 1)
+        if name_wave == wave and run["status"] == "complete":
+            losses.setdefault(rest.rsplit("-s", 1)[0], {})[run["seed"]] = run["final_val_loss"]
+    readme = read("records", "2026-11-30_parallax-r-study", "README.md")
+    section = readme[readme.index("## Confirmation" if wave == "confirm" else "## Second corpus"):]
+    softmax = [losses["softmax"][seed] for seed in seeds]
+    for arm, by_seed in losses.items():
+        row = re.search(rf"^\| {re.escape(arm)} \|(.*)$", section, re.M)
+        assert row, arm
+        cells = [cell.strip().strip("*") for cell in row[1].split("|")]
+        values = [by_seed[seed] for seed in seeds]
+        assert [float(c) for c in cells[:len(seeds)]] == values
+        mean, std = cells[len(seeds)].split(" ± ")
+        assert float(mean) == pytest.approx(sum(values) / len(values), abs=1e-4)
+        assert float(std) == pytest.approx(compare._mean_and_variance(values, arm)[1] ** 0.5, abs=1e-4)
+        if arm != "softmax":
+            assert float(cells[len(seeds) + 1]) == pytest.approx(float(mean) - sum(softmax) / len(softmax), abs=1e-4)
+            assert float(cells[len(seeds) + 2]) == pytest.approx(compare.welch_t_test(values, softmax)[2], abs=0.005)
