@@ -114,6 +114,7 @@ SMOKE_CONFIG = dict(
 
 def hyperparameters_from_env(environ) -> Hyperparameters:
     """The defaults, then SMOKE=1's configuration, then one override per upper-case field name set."""
+    check_for_misspelled_settings(environ)
     hp = Hyperparameters()
     if "SMOKE" in environ and _parse_env("SMOKE", environ["SMOKE"], False):
         hp = replace(hp, **SMOKE_CONFIG)
@@ -123,6 +124,30 @@ def hyperparameters_from_env(environ) -> Hyperparameters:
         if name in environ and name != "SMOKE":
             overrides[field.name] = _parse_env(name, environ[name], getattr(hp, field.name))
     return replace(hp, **overrides)
+
+
+def check_for_misspelled_settings(environ):
+    """A setting whose name is one typo away from a field's is an error, not silently ignored; other
+    variables (PATH, HOME, ...) are not within one edit of any field name."""
+    names = [field.name.upper() for field in fields(Hyperparameters)]
+    for variable in sorted(environ):
+        if variable in names or not variable.isupper():
+            continue
+        near = [name for name in names if one_edit_apart(variable, name)]
+        if near:
+            raise ValueError(f"unknown setting {variable}={environ[variable]!r}; did you mean {near[0]}?")
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """True when a and b differ by one inserted, deleted or replaced character, or two swapped neighbours."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    if len(a) < len(b):
+        return a[i:] == b[i + 1:]
+    return a[i + 1:] == b[i + 1:] or (a[i:i + 2] == b[i:i + 2][::-1] and a[i + 2:] == b[i + 2:])
 
 
 def _parse_env(name, text, default):
@@ -200,8 +225,9 @@ def read_shard_header(path) -> int:
     return num_tokens
 
 
-def load_shard(path, pin_memory=False) -> Tensor:
-    """The uint16 tokens of one shard (256 int32 of header: magic, version, token count; then tokens)."""
+def load_shard(path, pin_memory=False, vocab_size: int | None = None) -> Tensor:
+    """The uint16 tokens of one shard (256 int32 of header: magic, version, token count; then tokens);
+    with vocab_size, every token id must be below it (an embedding lookup would fail mid-run)."""
     num_tokens = read_shard_header(path)
     tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
     target = memoryview(tokens.numpy()).cast("B")  # read straight into the (pinned) tensor
@@ -213,22 +239,36 @@ def load_shard(path, pin_memory=False) -> Tensor:
             if not count:
                 raise ValueError(f"{path}: truncated while reading (got {done} of {len(target)} bytes)")
             done += count
+    if vocab_size is not None:
+        check_token_ids(path, tokens, vocab_size)
     return tokens
+
+
+def check_token_ids(path, tokens: Tensor, vocab_size: int):
+    largest = int(tokens.numpy().max()) if tokens.numel() else 0
+    if largest >= vocab_size:
+        raise ValueError(f"{path}: token id {largest} is outside the vocabulary ({vocab_size} ids): not GPT-2 "
+                         "tokens; re-tokenize the text with data/tokenize_text.py, or set VOCAB_SIZE above it")
 
 
 def shard_files(pattern: str) -> list:
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no shards match {pattern!r}; {DATA_HINT}")
+    folders = [f for f in files if os.path.isdir(f)]
+    if folders:
+        raise ValueError(f"{pattern!r} matches the folder {folders[0]}, not only shard files; make the pattern "
+                         "name the .bin files (e.g. end it in *.bin)")
     return files
 
 
 class TokenStream:
     """The tokens of a list of shards read in order as one stream; the next shard loads in the background."""
 
-    def __init__(self, files, pin_memory=False):
+    def __init__(self, files, pin_memory=False, vocab_size: int | None = None):
         self._files = deque(files)
         self._pin_memory = pin_memory
+        self._vocab_size = vocab_size
         self._loader = ThreadPoolExecutor(max_workers=1)
         self._pending = None
         self._chunks = deque()  # loaded shards, the first one read from self._pos on
@@ -236,7 +276,7 @@ class TokenStream:
         self._request_next_shard()
 
     def _request_next_shard(self):
-        self._pending = (self._loader.submit(load_shard, self._files.popleft(), self._pin_memory)
+        self._pending = (self._loader.submit(load_shard, self._files.popleft(), self._pin_memory, self._vocab_size)
                          if self._files else None)
 
     def read(self, n) -> Tensor | None:
@@ -283,16 +323,16 @@ def document_boundaries(inputs: Tensor, max_doc_len: int = 0) -> Tensor:
 
 
 def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size: int, *, max_doc_len: int = 0,
-                               device="cpu"):
+                               device="cpu", vocab_size: int | None = None):
     """Yield this rank's micro-batches: each call consumes world_size * seq_len tokens of the stream, of
     which rank r takes [r * seq_len, (r + 1) * seq_len), so ranks never share a token. Targets are the
     stream shifted by one, across documents too: the last target of a document is the next one's BOS
     (as the speedrun does; the model learns where documents end). Deterministic: no shuffling. Stops
-    when the shards run out."""
+    when the shards run out. With vocab_size, each shard's token ids are checked as it loads."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     device = torch.device(device)
-    stream = TokenStream(shard_files(pattern), pin_memory=device.type == "cuda")
+    stream = TokenStream(shard_files(pattern), pin_memory=device.type == "cuda", vocab_size=vocab_size)
     step_tokens = world_size * seq_len
     while (window := stream.read(step_tokens + 1)) is not None:
         local = window[rank * seq_len:(rank + 1) * seq_len + 1].to(torch.int32)
@@ -303,12 +343,13 @@ def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size
                     cu_seqlens.to(device, non_blocking=True))
 
 
-def validation_batches(pattern: str, val_tokens: int, seq_len: int, rank: int, world_size: int, *, device="cpu"):
+def validation_batches(pattern: str, val_tokens: int, seq_len: int, rank: int, world_size: int, *, device="cpu",
+                       vocab_size: int | None = None):
     """This rank's share of the first val_tokens tokens (a multiple of world_size * seq_len)."""
     if val_tokens % (world_size * seq_len):
         raise ValueError(f"val_tokens={val_tokens} is not a multiple of world_size * seq_len = "
                          f"{world_size} * {seq_len}")
-    batches = distributed_data_generator(pattern, seq_len, rank, world_size, device=device)
+    batches = distributed_data_generator(pattern, seq_len, rank, world_size, device=device, vocab_size=vocab_size)
     return itertools.islice(batches, val_tokens // (world_size * seq_len))
 
 
@@ -602,6 +643,8 @@ def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int):
 
 def load_checkpoint(path: str) -> tuple:
     """(GPT on the CPU, the checkpoint dict); CheckpointError with one line on any problem."""
+    if path.endswith(".tmp"):
+        raise CheckpointError(f"{path}: an unfinished checkpoint write, not a checkpoint; use a state_step<N>.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -609,14 +652,45 @@ def load_checkpoint(path: str) -> tuple:
     except Exception as err:
         raise CheckpointError(f"{path}: not a checkpoint torch can load ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (no model config in it)")
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload)}")
     try:
         model = GPT(GPTConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model"])
-    except (TypeError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: does not match this train_gpt.py's model "
-                              f"({str(err).splitlines()[0]})") from None
+    except TypeError as err:
+        raise CheckpointError(f"{path}: its model config does not fit this train_gpt.py's GPTConfig ({err})") from None
+    if mismatch := state_dict_mismatch(model, payload["model"]):
+        raise CheckpointError(f"{path}: does not match this train_gpt.py's model: {mismatch}")
+    model.load_state_dict(payload["model"])
     return model, payload
+
+
+def describe_payload(payload) -> str:
+    """What a file that is not one of our checkpoints holds instead, in a few words."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}"
+    if "kind" in payload:
+        return f"its kind is {payload['kind']!r}, this script reads {CHECKPOINT_KIND!r}"
+    keys = first_few([repr(key) for key in payload])
+    if payload and all(isinstance(value, Tensor) for value in payload.values()):
+        return (f"a bare state dict of {len(payload)} tensors ({keys}), without the model config and kind "
+                "a checkpoint carries")
+    return f"a dict with keys {keys}, without the 'kind' and 'model_config' a checkpoint carries"
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """The keys and shapes where state differs from model's parameters and buffers ("" when it fits)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    given = {name: tuple(t.shape) for name, t in state.items()}
+    differences = {
+        "missing": [name for name in expected if name not in given],
+        "unexpected": [name for name in given if name not in expected],
+        "shapes differ:": [f"{name} {given[name]} (model {shape})" for name, shape in expected.items()
+                           if name in given and given[name] != shape],
+    }
+    return "; ".join(f"{what} {first_few(items)}" for what, items in differences.items() if items)
+
+
+def first_few(items: list, n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,7 +855,7 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
         allow_recompiles()
         compiled = torch.compile(model)
     train_loader = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size,
-                                              max_doc_len=hp.max_doc_len, device=device)
+                                              max_doc_len=hp.max_doc_len, device=device, vocab_size=hp.vocab_size)
 
     def run_model(batch: Batch) -> Tensor:
         if compiled is not model:
@@ -820,7 +894,8 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     @torch.no_grad()
     def evaluate(step: int, max_batches=None) -> float:
         model.set_window(window_at(step, hp))
-        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, rank, world_size, device=device)
+        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, rank, world_size, device=device,
+                                     vocab_size=hp.vocab_size)
         losses = [run_model(batch) for batch in itertools.islice(batches, max_batches)]
         val_loss = torch.stack(losses).mean()
         all_reduce_mean_([val_loss], world_size)
@@ -890,7 +965,7 @@ def warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world
     initial_model = {name: t.detach().clone() for name, t in model.state_dict().items()}
     initial_optimizers = [optimizer.state_dict() for optimizer in optimizers]
     batches = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size, max_doc_len=hp.max_doc_len,
-                                         device=device)
+                                         device=device, vocab_size=hp.vocab_size)
     first_batches = [next(batches) for _ in range(grad_accum)]
     stage_steps = {}  # window -> the first step that uses it (validation at the last step included)
     for step in range(hp.num_iterations + 1):
@@ -1206,6 +1281,19 @@ def bench_sample_main(args) -> int:
     return 0
 
 
+def sampling_arguments_problem(args) -> str | None:
+    """What is wrong with the sample command's arguments, checked before the checkpoint loads; None if nothing."""
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        return "--num-samples and --max-new-tokens must be at least 1"
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        return f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
+    if args.top_k < 0:
+        return f"--top-k must be >= 0 (0: no top-k cut), got {args.top_k}"
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        return f"--prompts-file {args.prompts_file}: no such file"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the Parallax speedrun GPT (no command; run it under torchrun, "
                                                  "settings through environment variables), or sample from it.")
@@ -1230,8 +1318,8 @@ def main(argv=None) -> int:
     bench.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     args = parser.parse_args(argv)
     if args.command == "sample":
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            parser.error("--num-samples and --max-new-tokens must be at least 1")
+        if problem := sampling_arguments_problem(args):
+            parser.error(problem)
         return sample_main(args)
     if args.command == "bench-sample":
         return bench_sample_main(args)
