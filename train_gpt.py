@@ -15,8 +15,9 @@ training. Parallax adds one projection r shaped like q (own RMS norm, q's rotary
 Hyperparameters live in the dataclass below. Every field can be overridden by an environment variable
 of its upper-case name; the ones meant for it: TRAIN_FILES, VAL_FILES (glob patterns), NUM_ITERATIONS,
 SEED, ATTENTION (parallax|softmax), PARAM_MATCHED (0|1), OPTIMIZER (muon|adamw), RUN_NAME, VAL_TOKENS,
-VAL_EVERY (0: only at the end), SAVE_EVERY. SMOKE=1 first switches to a tiny CPU configuration
-(2 layers of width 64, reference attention, 30 steps of 512 tokens; gloo when run under torchrun).
+VAL_EVERY (0: only at the start and the end), SAVE_EVERY, RESUME (a checkpoint), OVERWRITE (0|1). A variable
+one typo away from a field's name is an error. SMOKE=1 first switches to a tiny CPU configuration (2
+layers of width 64, reference attention, 30 steps of 512 tokens; gloo when run under torchrun).
 
 Batch: the global batch is `micro_batches` sequences of `seq_len` tokens (8 x 64K by default, the
 records' 8-GPU configuration). Each of W ranks (W divides micro_batches) runs micro_batches / W
@@ -25,8 +26,13 @@ same order.
 
 Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of train_gpt.py,
 parallax_kernels.py and muon.py, versions and GPU, then `step:N/T val_loss:X train_time:Yms
-step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory) and
-checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0).
+step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory, or with a `stopped:`
+line) and checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0). A
+run name that already has a log or checkpoints is refused unless OVERWRITE=1. The run stops (exit 1)
+when a validation loss is not finite, or, after the first tenth of the steps, no better than the
+untrained model's at step 0. SIGINT or SIGTERM checkpoints the current step and stops (exit 128 + the
+signal); every checkpoint holds the optimizer states, and RESUME=<checkpoint> continues its run to the
+same losses.
 """
 import argparse
 import codecs
@@ -37,6 +43,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,8 +106,10 @@ class Hyperparameters:
     adamw_lr: float = 0.0018  # hidden matrices when optimizer == "adamw" (llm.c's GPT-2 124M rate)
     weight_decay: float = 0.0
     # evaluation, checkpoints, implementation
-    val_every: int = 125  # validate every this many steps and at the end (0: only at the end)
+    val_every: int = 125  # validate every this many steps, at step 0 and at the end (0: only at 0 and the end)
     save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
+    resume: str = ""  # a checkpoint to continue from (model, optimizer states, step, data position)
+    overwrite: bool = False  # replace the log and checkpoints of a run of the same name (else it is refused)
     compile: bool = True  # torch.compile the model on CUDA
     smoke: bool = False  # the tiny CPU configuration below
 
@@ -631,14 +640,23 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int):
-    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int, training_state: dict | None = None):
+    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True.
+    training_state (optimizer states and the like, see _train) makes it resumable. Temporary files that
+    an interrupted write left in the folder are removed first."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        os.remove(stale)
     payload = dict(kind=CHECKPOINT_KIND, step=step, hyperparameters=asdict(hp), model_config=asdict(model.config),
-                   model={name: t.detach().cpu() for name, t in model.state_dict().items()})
+                   model={name: t.detach().cpu() for name, t in model.state_dict().items()}, **(training_state or {}))
     temporary = f"{path}.tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_checkpoint(path: str) -> tuple:
@@ -661,6 +679,56 @@ def load_checkpoint(path: str) -> tuple:
         raise CheckpointError(f"{path}: does not match this train_gpt.py's model: {mismatch}")
     model.load_state_dict(payload["model"])
     return model, payload
+
+
+RESUME_MAY_CHANGE = {"run_name", "resume", "overwrite", "val_every", "save_every", "compile"}
+
+
+def load_resume_checkpoint(hp: Hyperparameters, world_size: int) -> dict:
+    """The checkpoint RESUME names, checked before anything is written: resumable (optimizer states in
+    it), written by as many ranks, and trained with these hyperparameters (all but RESUME_MAY_CHANGE)."""
+    _, payload = load_checkpoint(hp.resume)
+    if "optimizers" not in payload:
+        raise CheckpointError(f"{hp.resume}: holds no optimizer states (an older train_gpt.py wrote it); it can be "
+                              "sampled from, not resumed")
+    if len(payload["optimizers"]) != world_size:
+        raise CheckpointError(f"{hp.resume}: written by {len(payload['optimizers'])} rank(s); resume it on as many "
+                              f"(Muon's momentum is split over the ranks), not {world_size}")
+    saved = payload["hyperparameters"]
+    differences = [f"{name.upper()}={saved.get(name)!r} there, {value!r} here" for name, value in asdict(hp).items()
+                   if name not in RESUME_MAY_CHANGE and json.dumps(saved.get(name)) != json.dumps(value)]
+    if differences:
+        raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
+                              "they were to resume")
+    return payload
+
+
+def cpu_copy(tree):
+    """Tensors of a nested optimizer state dict moved to the CPU (gather_object and torch.save take them there)."""
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: cpu_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(value) for value in tree)
+    return tree
+
+
+def gather_optimizer_states(optimizers: list, muon, rank: int, world_size: int) -> list | None:
+    """Collective. On rank 0, per rank, the state dict of each optimizer (None on the other ranks).
+    Muon's momentum is split over the ranks (see muon.py), so every rank's Muon state is kept; the
+    other optimizers hold the same state on every rank and are kept from rank 0 only (None elsewhere)."""
+    local = [cpu_copy(optimizer.state_dict()) if optimizer is muon or rank == 0 else None for optimizer in optimizers]
+    if world_size == 1:
+        return [local]
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    return gathered
+
+
+def restore_optimizers(optimizers: list, muon, states: list, rank: int):
+    for i, optimizer in enumerate(optimizers):
+        optimizer.load_state_dict(states[rank if optimizer is muon else 0][i])
 
 
 def describe_payload(payload) -> str:
@@ -700,11 +768,11 @@ def first_few(items: list, n: int = 3) -> str:
 class RunLog:
     """logs/<run-id>.txt, written by rank 0 only; echo=True also prints the line."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         self.file = None
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "w")
+            self.file = open(path, "a" if append else "w")
 
     def write(self, text: str, echo: bool = False):
         if self.file is None:
@@ -805,9 +873,114 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def run_paths(run_name: str) -> tuple:
+    """(its log, its checkpoint folder)."""
+    return f"logs/{run_name}.txt", os.path.join("checkpoints", run_name)
+
+
+def claim_run_name(hp: Hyperparameters, continuing: bool, master: bool):
+    """A run never replaces another: a run name with a log or checkpoints is refused, unless this run
+    continues it (RESUME) or OVERWRITE=1 asks to replace it (rank 0 then removes its log and checkpoints)."""
+    log_path, checkpoint_dir = run_paths(hp.run_name)
+    taken = os.path.exists(log_path) or bool(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*")))
+    if not taken or continuing:
+        return
+    if not hp.overwrite:
+        raise ValueError(f"run name {hp.run_name!r} is taken ({log_path} or {checkpoint_dir}/ exists): choose "
+                         "another RUN_NAME, continue that run with RESUME=<one of its checkpoints>, or replace it "
+                         "with OVERWRITE=1")
+    if master:
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
+    """Checks before anything is written (enough tokens, the RESUME checkpoint, a free run name); returns
+    hp with its run name (by default a resumed run keeps its own) and the resume checkpoint (or None)."""
+    check_enough_tokens(hp.train_files, hp.num_iterations * hp.micro_batches * hp.seq_len + 1,
+                        f"{hp.num_iterations} steps of {hp.micro_batches} x {hp.seq_len} tokens")
+    check_enough_tokens(hp.val_files, hp.val_tokens + 1, f"val_tokens={hp.val_tokens} (plus one target)")
+    resumed = load_resume_checkpoint(hp, world_size) if hp.resume else None
+    resumed_name = resumed["hyperparameters"]["run_name"] if resumed else None
+    hp = replace(hp, run_name=hp.run_name or resumed_name or f"{hp.attention}-{uuid.uuid4().hex[:8]}")
+    claim_run_name(hp, continuing=hp.run_name == resumed_name, master=rank == 0)
+    if world_size > 1:
+        dist.barrier()  # every rank has looked before rank 0 creates the log
+    return hp, resumed
+
+
+def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> RunLog:
+    """A new log with the header; a run resumed under its own name appends to its log instead."""
+    path = run_paths(hp.run_name)[0]
+    appending = resumed is not None and hp.run_name == resumed["hyperparameters"]["run_name"]
+    log = RunLog(path if master else None, append=appending)
+    if master:
+        print(f"logging to {path}", flush=True)
+    if not appending:
+        write_log_header(log, hp)
+    if resumed is not None:
+        log.write(f"resumed from {hp.resume} at step {resumed['step']}", echo=True)
+    return log
+
+
+INTERRUPT_CHECK_EVERY = 10  # steps between the ranks' agreement on an interrupt (a single rank checks every step)
+
+
+class InterruptRequests:
+    """While training, SIGINT and SIGTERM only set a flag, and the loop checkpoints and stops at a step
+    boundary where the ranks agree. A second signal changes nothing (torchrun follows a Ctrl-C with
+    SIGTERM). Several ranks all-reduce the flag every INTERRUPT_CHECK_EVERY steps, so no step waits on
+    the host for it."""
+
+    def __init__(self, world_size: int, device: torch.device):
+        self.world_size, self.device = world_size, device
+        self.received = 0  # the first signal's number
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self._receive) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _receive(self, number, frame):
+        self.received = self.received or number
+
+    def agreed(self, step: int) -> int:
+        """The number of a signal some rank received, at a boundary where the ranks compare (0: none)."""
+        if self.world_size == 1:
+            return self.received
+        if step % INTERRUPT_CHECK_EVERY:
+            return 0
+        flag = torch.tensor(self.received, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+DIVERGENCE_GRACE = 0.1  # the fraction of training after which a val loss no better than the untrained one stops it
+
+
+def divergence(step: int, val_loss: float, untrained_val_loss: float, hp: Hyperparameters) -> str | None:
+    """Why this validation stops the run, or None. Huge learning rates need not give a NaN: they can
+    leave the model predicting the uniform distribution, the untrained model's loss, for good."""
+    if not math.isfinite(val_loss):
+        return "is not finite"
+    if step > 0 and step >= DIVERGENCE_GRACE * hp.num_iterations and val_loss >= untrained_val_loss:
+        return f"is no better than the untrained model's {untrained_val_loss:.4f}"
+    return None
+
+
+def skip_batches(batches, count: int):
+    """Consume count batches: the loader is deterministic, so a resumed run's data position is its step."""
+    for _ in itertools.islice(batches, count):
+        pass
+
+
 def train(hp: Hyperparameters) -> int:
-    """Run one training job (a torchrun worker, or a lone process without a process group); 0, or 1 when
-    the loss became non-finite."""
+    """Run one training job (a torchrun worker, or a lone process without a process group); 0, 1 when the
+    run diverged, 128 + the signal's number when interrupted (after saving a checkpoint)."""
     distributed = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -819,22 +992,24 @@ def train(hp: Hyperparameters) -> int:
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
-        return _train(hp, rank, world_size, device)
+        hp, resumed = begin_run(hp, rank, world_size)
+        log = open_run_log(hp, resumed, master=rank == 0)
+        try:
+            with InterruptRequests(world_size, device) as interrupts:
+                return _train(hp, rank, world_size, device, log, resumed, interrupts)
+        except BaseException as err:  # data errors and the like: the log says the run stopped
+            log.write(f"stopped: {type(err).__name__}: {err}")
+            raise
+        finally:
+            log.close()
     finally:
         if distributed:
             dist.destroy_process_group()
 
 
-def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device) -> int:
+def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog, resumed: dict | None,
+           interrupts: InterruptRequests) -> int:
     master = rank == 0
-    check_enough_tokens(hp.train_files, hp.num_iterations * hp.micro_batches * hp.seq_len + 1,
-                        f"{hp.num_iterations} steps of {hp.micro_batches} x {hp.seq_len} tokens")
-    check_enough_tokens(hp.val_files, hp.val_tokens + 1, f"val_tokens={hp.val_tokens} (plus one target)")
-    hp = replace(hp, run_name=hp.run_name or f"{hp.attention}-{uuid.uuid4().hex[:8]}")
-    log = RunLog(f"logs/{hp.run_name}.txt" if master else None)
-    if master:
-        print(f"logging to logs/{hp.run_name}.txt", flush=True)
-    write_log_header(log, hp)
     grad_accum = hp.micro_batches // world_size
 
     torch.manual_seed(hp.seed)
@@ -903,20 +1078,45 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
 
     if compiled is not model:
         warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world_size, device, master)
+    if resumed is not None:  # after the warm-up, which restores the states it found
+        model.load_state_dict(resumed["model"])
+        restore_optimizers(optimizers, muon, resumed["optimizers"], rank)
+        skip_batches(train_loader, resumed["step"] * grad_accum)
 
-    checkpoint_dir = os.path.join("checkpoints", hp.run_name)
-    last_checkpoint = None
-    training_time_ms = 0.0
+    def checkpoint_path(step: int) -> str:
+        return os.path.join(run_paths(hp.run_name)[1], f"state_step{step:06d}.pt")
+
+    def save(step: int) -> str:
+        """Collective (every rank's optimizer state); rank 0 writes the resumable checkpoint."""
+        states = gather_optimizer_states(optimizers, muon, rank, world_size)
+        path = checkpoint_path(step)
+        if master:
+            save_checkpoint(path, model, hp, step, dict(optimizers=states, untrained_val_loss=untrained_val_loss,
+                                                        train_time_ms=training_time_ms))
+        return path
+
+    start_step = resumed["step"] if resumed else 0
+    untrained_val_loss = resumed["untrained_val_loss"] if resumed else None  # measured at step 0
+    last_checkpoint = last_good_checkpoint = hp.resume or None
+    training_time_ms = resumed["train_time_ms"] if resumed else 0.0
     synchronize(device)
     t0 = time.perf_counter()
-    for step in range(hp.num_iterations + 1):
+    for step in range(start_step, hp.num_iterations + 1):
         last_step = step == hp.num_iterations
-        if last_step or (hp.val_every > 0 and step % hp.val_every == 0):
+        if last_step or step == 0 or (hp.val_every > 0 and step % hp.val_every == 0):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             val_loss = evaluate(step)
             log.write(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                       f"step_avg:{training_time_ms / max(step, 1):.2f}ms", echo=True)
+            if step == 0:
+                untrained_val_loss = val_loss
+            if why := divergence(step, val_loss, untrained_val_loss, hp):
+                log.write(f"stopped: step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} {why}: diverged. Last "
+                          f"good checkpoint: {last_good_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}",
+                          echo=True)
+                return 1
+            last_good_checkpoint = last_checkpoint
             synchronize(device)
             t0 = time.perf_counter()
         if last_step:
@@ -928,10 +1128,9 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss):
-            message = (f"step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last good "
-                       f"checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}")
+            message = (f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
+                       f"good checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}")
             log.write(message, echo=True)
-            log.close()
             return 1
         log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
@@ -939,14 +1138,19 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
         if hp.save_every > 0 and (step + 1) % hp.save_every == 0 and step + 1 < hp.num_iterations:
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            if master:
-                last_checkpoint = os.path.join(checkpoint_dir, f"state_step{step + 1:06d}.pt")
-                save_checkpoint(last_checkpoint, model, hp, step + 1)
+            last_checkpoint = save(step + 1)
             t0 = time.perf_counter()
+        if step + 1 < hp.num_iterations and (signal_number := interrupts.agreed(step + 1)):
+            synchronize(device)
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            path = last_checkpoint if last_checkpoint == checkpoint_path(step + 1) else save(step + 1)
+            name = signal.Signals(signal_number).name
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} interrupted by {name}; saved {path}; continue "
+                      f"with RESUME={path}", echo=True)
+            return 128 + signal_number
 
+    last_checkpoint = save(hp.num_iterations)
     if master:
-        last_checkpoint = os.path.join(checkpoint_dir, f"state_step{hp.num_iterations:06d}.pt")
-        save_checkpoint(last_checkpoint, model, hp, hp.num_iterations)
         print(f"checkpoint: {last_checkpoint}", flush=True)
     if device.type == "cuda":
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
@@ -954,7 +1158,6 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
         import resource
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
     log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
-    log.close()
     return 0
 
 

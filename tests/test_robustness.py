@@ -1,16 +1,19 @@
 """Bad inputs end in one clear line and a non-zero exit; runs neither destroy each other nor lose their work."""
+import itertools
 import os
+import signal
 import stat
 import subprocess
-import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import train_gpt as tg
+from records.compare import parse_log
 from test_loader import write_shard
 from test_sample import tiny_model
-from test_train import SMOKE, pattern_corpus, smoke_run  # noqa: F401 (a fixture)
+from test_train import SMOKE, smoke_run  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,3 +155,139 @@ def test_run_sh_checks_for_a_gpu_before_fetching_data(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: no NVIDIA GPU found") and len(result.stderr.splitlines()) == 1
     assert not calls.exists() and "fetching" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Run names
+
+
+def test_a_taken_run_name_is_refused_and_left_alone(smoke_run, monkeypatch, capsys):
+    os.makedirs("logs")
+    with open("logs/smoke.txt", "w") as f:
+        f.write("the first run's log\n")
+    assert train_through_main(monkeypatch, smoke_run) == 2
+    assert one_line_error(capsys) == ("error: run name 'smoke' is taken (logs/smoke.txt or checkpoints/smoke/ exists): "
+                                      "choose another RUN_NAME, continue that run with RESUME=<one of its "
+                                      "checkpoints>, or replace it with OVERWRITE=1")
+    assert open("logs/smoke.txt").read() == "the first run's log\n"
+    os.remove("logs/smoke.txt")
+    os.makedirs("checkpoints/smoke")
+    open("checkpoints/smoke/state_step000030.pt", "w").close()
+    with pytest.raises(ValueError, match="run name 'smoke' is taken"):
+        tg.train(smoke_run)
+
+
+def test_overwrite_replaces_the_old_run(smoke_run):
+    os.makedirs("checkpoints/smoke")
+    open("checkpoints/smoke/state_step000002.pt", "w").close()
+    assert tg.train(replace(smoke_run, num_iterations=1, overwrite=True)) == 0
+    assert os.listdir("checkpoints/smoke") == ["state_step000001.pt"]  # runs do not mix in one folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence
+
+
+def test_a_run_that_learns_nothing_stops_after_the_first_tenth(smoke_run, capsys):
+    """Learning rates of 0 stand in for ones so large that the model sits at the untrained loss."""
+    frozen = dict(muon_lr=0.0, embed_lr=0.0, head_lr=0.0, scalar_lr=0.0)
+    assert tg.train(replace(smoke_run, num_iterations=20, val_every=1, save_every=1, val_tokens=512, **frozen)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    untrained = next(line for line in lines if line.startswith("step:0/20 val_loss:")).split()[1].split(":")[1]
+    assert lines[-1] == (f"stopped: step:2/20 val_loss:{untrained} is no better than the untrained model's "
+                         f"{untrained}: diverged. Last good checkpoint: checkpoints/smoke/state_step000001.pt")
+    assert parse_log("logs/smoke.txt")["status"].startswith("stopped: step:2/20")
+    assert sorted(os.listdir("checkpoints/smoke")) == ["state_step000001.pt", "state_step000002.pt"]  # both kept
+
+
+def test_a_non_finite_validation_loss_stops_the_run(smoke_run, monkeypatch, capsys):
+    forward, validations = tg.GPT.forward, itertools.count()
+
+    def poisoned(self, *args, **kwargs):  # 2 batches per validation: 512 tokens in sequences of 256
+        loss = forward(self, *args, **kwargs)
+        return loss if torch.is_grad_enabled() or next(validations) < 4 else loss * float("nan")
+
+    monkeypatch.setattr(tg.GPT, "forward", poisoned)
+    assert tg.train(replace(smoke_run, num_iterations=10, val_every=2, save_every=2, val_tokens=512)) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "stopped: step:4/10 val_loss:nan is not finite: diverged. Last good checkpoint: "
+        "checkpoints/smoke/state_step000002.pt")
+    assert parse_log("logs/smoke.txt")["status"].startswith("stopped: step:4/10 val_loss:nan")
+
+
+def test_a_run_stopped_by_bad_data_says_so_in_its_log(smoke_run):
+    write_shard("bad_val_000000.bin", [tg.BOS] + [60_000] * 4096)
+    with pytest.raises(ValueError, match="token id 60000"):
+        tg.train(replace(smoke_run, val_files="bad_val_*.bin"))
+    assert parse_log("logs/smoke.txt")["status"].startswith("stopped: ValueError: bad_val_000000.bin: token id 60000")
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupts and resuming
+
+
+def interrupted_at_step(step: int, signal_number: int, monkeypatch):
+    """The signal arrives during the given training step (2 micro-batches per step on one rank)."""
+    forward, micro_batches = tg.GPT.forward, itertools.count()
+
+    def forward_then_signal(self, *args, **kwargs):
+        if torch.is_grad_enabled() and next(micro_batches) == 2 * (step - 1):
+            signal.raise_signal(signal_number)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(tg.GPT, "forward", forward_then_signal)
+
+
+def test_an_interrupted_run_resumes_to_the_same_losses(smoke_run, monkeypatch, capsys):
+    hp = replace(smoke_run, num_iterations=6, val_every=3, val_tokens=512)
+    assert tg.train(replace(hp, run_name="straight")) == 0
+    with monkeypatch.context() as patch:
+        interrupted_at_step(2, signal.SIGINT, patch)
+        assert tg.train(replace(hp, run_name="stopped")) == 130
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "stopped: step:2/6 interrupted by SIGINT; saved checkpoints/stopped/state_step000002.pt; continue with "
+        "RESUME=checkpoints/stopped/state_step000002.pt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert parse_log("logs/stopped.txt")["status"].startswith("stopped: step:2/6 interrupted by SIGINT")
+
+    assert tg.train(replace(hp, run_name="", resume="checkpoints/stopped/state_step000002.pt")) == 0
+    straight, resumed = parse_log("logs/straight.txt"), parse_log("logs/stopped.txt")
+    assert resumed["status"] == "complete"
+    assert resumed["train"] == straight["train"] and len(straight["train"]) == 6  # every printed digit
+    assert resumed["val"] == straight["val"] and [step for step, _ in straight["val"]] == [0, 3, 6]
+    assert sorted(os.listdir("checkpoints/stopped")) == ["state_step000002.pt", "state_step000006.pt"]
+    straight_model, _ = tg.load_checkpoint("checkpoints/straight/state_step000006.pt")  # sample's path
+    resumed_model, checkpoint = tg.load_checkpoint("checkpoints/stopped/state_step000006.pt")
+    assert checkpoint["step"] == 6 and "optimizers" in checkpoint
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_sigterm_saves_the_current_step(smoke_run, monkeypatch, capsys):
+    interrupted_at_step(2, signal.SIGTERM, monkeypatch)
+    assert tg.train(replace(smoke_run, save_every=2)) == 143
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "stopped: step:2/30 interrupted by SIGTERM; saved checkpoints/smoke/state_step000002.pt")
+    payload = torch.load("checkpoints/smoke/state_step000002.pt", weights_only=True)
+    assert payload["step"] == 2 and len(payload["optimizers"]) == 1  # one rank
+    assert os.listdir("checkpoints/smoke") == ["state_step000002.pt"]
+
+
+def test_resume_refuses_other_settings_and_checkpoints_without_optimizer_states(smoke_run, tmp_path):
+    interrupted_path = "checkpoints/smoke/state_step000001.pt"
+    assert tg.train(replace(smoke_run, num_iterations=1)) == 0
+    with pytest.raises(tg.CheckpointError, match=r"trained with other settings \(NUM_ITERATIONS=1 there, 30 here\)"):
+        tg.train(replace(smoke_run, resume=interrupted_path))
+    tg.save_checkpoint(str(tmp_path / "model_only.pt"), tiny_model("parallax"), SMOKE, step=1)
+    with pytest.raises(tg.CheckpointError, match="holds no optimizer states"):
+        tg.train(replace(smoke_run, resume=str(tmp_path / "model_only.pt"), run_name="other"))
+
+
+def test_temporary_files_are_never_checkpoints_and_go_at_the_next_save(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "state_step000004.pt.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(tg.CheckpointError, match="an unfinished checkpoint write, not a checkpoint"):
+        tg.load_checkpoint(str(folder / "state_step000004.pt.tmp"))
+    tg.save_checkpoint(str(folder / "state_step000006.pt"), tiny_model("parallax"), SMOKE, step=6)
+    assert os.listdir(folder) == ["state_step000006.pt"]
