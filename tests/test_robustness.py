@@ -26,6 +26,12 @@ def train_through_main(monkeypatch, hp, **settings) -> int:
     return tg.main([])
 
 
+@pytest.fixture
+def quick_run(smoke_run):
+    """The smoke run with half-length sequences and a validation of 2 of them: enough for control flow."""
+    return replace(smoke_run, seq_len=128, val_tokens=256)
+
+
 def one_line_error(capsys) -> str:
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1, error
@@ -161,11 +167,11 @@ def test_run_sh_checks_for_a_gpu_before_fetching_data(tmp_path):
 # Run names
 
 
-def test_a_taken_run_name_is_refused_and_left_alone(smoke_run, monkeypatch, capsys):
+def test_a_taken_run_name_is_refused_and_left_alone(quick_run, monkeypatch, capsys):
     os.makedirs("logs")
     with open("logs/smoke.txt", "w") as f:
         f.write("the first run's log\n")
-    assert train_through_main(monkeypatch, smoke_run) == 2
+    assert train_through_main(monkeypatch, quick_run) == 2
     assert one_line_error(capsys) == ("error: run name 'smoke' is taken (logs/smoke.txt or checkpoints/smoke/ exists): "
                                       "choose another RUN_NAME, continue that run with RESUME=<one of its "
                                       "checkpoints>, or replace it with OVERWRITE=1")
@@ -174,13 +180,13 @@ def test_a_taken_run_name_is_refused_and_left_alone(smoke_run, monkeypatch, caps
     os.makedirs("checkpoints/smoke")
     open("checkpoints/smoke/state_step000030.pt", "w").close()
     with pytest.raises(ValueError, match="run name 'smoke' is taken"):
-        tg.train(smoke_run)
+        tg.train(quick_run)
 
 
-def test_overwrite_replaces_the_old_run(smoke_run):
+def test_overwrite_replaces_the_old_run(quick_run):
     os.makedirs("checkpoints/smoke")
     open("checkpoints/smoke/state_step000002.pt", "w").close()
-    assert tg.train(replace(smoke_run, num_iterations=1, overwrite=True)) == 0
+    assert tg.train(replace(quick_run, num_iterations=1, overwrite=True)) == 0
     assert os.listdir("checkpoints/smoke") == ["state_step000001.pt"]  # runs do not mix in one folder
 
 
@@ -188,10 +194,10 @@ def test_overwrite_replaces_the_old_run(smoke_run):
 # Divergence
 
 
-def test_a_run_that_learns_nothing_stops_after_the_first_tenth(smoke_run, capsys):
+def test_a_run_that_learns_nothing_stops_after_the_first_tenth(quick_run, capsys):
     """Learning rates of 0 stand in for ones so large that the model sits at the untrained loss."""
     frozen = dict(muon_lr=0.0, embed_lr=0.0, head_lr=0.0, scalar_lr=0.0)
-    assert tg.train(replace(smoke_run, num_iterations=20, val_every=1, save_every=1, val_tokens=512, **frozen)) == 1
+    assert tg.train(replace(quick_run, num_iterations=20, val_every=1, save_every=1, **frozen)) == 1
     lines = capsys.readouterr().out.splitlines()
     untrained = next(line for line in lines if line.startswith("step:0/20 val_loss:")).split()[1].split(":")[1]
     assert lines[-1] == (f"stopped: step:2/20 val_loss:{untrained} is no better than the untrained model's "
@@ -200,25 +206,25 @@ def test_a_run_that_learns_nothing_stops_after_the_first_tenth(smoke_run, capsys
     assert sorted(os.listdir("checkpoints/smoke")) == ["state_step000001.pt", "state_step000002.pt"]  # both kept
 
 
-def test_a_non_finite_validation_loss_stops_the_run(smoke_run, monkeypatch, capsys):
+def test_a_non_finite_validation_loss_stops_the_run(quick_run, monkeypatch, capsys):
     forward, validations = tg.GPT.forward, itertools.count()
 
-    def poisoned(self, *args, **kwargs):  # 2 batches per validation: 512 tokens in sequences of 256
+    def poisoned(self, *args, **kwargs):  # 2 batches per validation: 256 tokens in sequences of 128
         loss = forward(self, *args, **kwargs)
         return loss if torch.is_grad_enabled() or next(validations) < 4 else loss * float("nan")
 
     monkeypatch.setattr(tg.GPT, "forward", poisoned)
-    assert tg.train(replace(smoke_run, num_iterations=10, val_every=2, save_every=2, val_tokens=512)) == 1
+    assert tg.train(replace(quick_run, num_iterations=10, val_every=2, save_every=2)) == 1
     assert capsys.readouterr().out.splitlines()[-1] == (
         "stopped: step:4/10 val_loss:nan is not finite: diverged. Last good checkpoint: "
         "checkpoints/smoke/state_step000002.pt")
     assert parse_log("logs/smoke.txt")["status"].startswith("stopped: step:4/10 val_loss:nan")
 
 
-def test_a_run_stopped_by_bad_data_says_so_in_its_log(smoke_run):
+def test_a_run_stopped_by_bad_data_says_so_in_its_log(quick_run):
     write_shard("bad_val_000000.bin", [tg.BOS] + [60_000] * 4096)
     with pytest.raises(ValueError, match="token id 60000"):
-        tg.train(replace(smoke_run, val_files="bad_val_*.bin"))
+        tg.train(replace(quick_run, val_files="bad_val_*.bin"))
     assert parse_log("logs/smoke.txt")["status"].startswith("stopped: ValueError: bad_val_000000.bin: token id 60000")
 
 
@@ -238,8 +244,8 @@ def interrupted_at_step(step: int, signal_number: int, monkeypatch):
     monkeypatch.setattr(tg.GPT, "forward", forward_then_signal)
 
 
-def test_an_interrupted_run_resumes_to_the_same_losses(smoke_run, monkeypatch, capsys):
-    hp = replace(smoke_run, num_iterations=6, val_every=3, val_tokens=512)
+def test_an_interrupted_run_resumes_to_the_same_losses(quick_run, monkeypatch, capsys):
+    hp = replace(quick_run, num_iterations=6, val_every=3)
     assert tg.train(replace(hp, run_name="straight")) == 0
     with monkeypatch.context() as patch:
         interrupted_at_step(2, signal.SIGINT, patch)
@@ -263,9 +269,9 @@ def test_an_interrupted_run_resumes_to_the_same_losses(smoke_run, monkeypatch, c
         assert torch.equal(a, b), name
 
 
-def test_sigterm_saves_the_current_step(smoke_run, monkeypatch, capsys):
+def test_sigterm_saves_the_current_step(quick_run, monkeypatch, capsys):
     interrupted_at_step(2, signal.SIGTERM, monkeypatch)
-    assert tg.train(replace(smoke_run, save_every=2)) == 143
+    assert tg.train(replace(quick_run, save_every=2)) == 143
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         "stopped: step:2/30 interrupted by SIGTERM; saved checkpoints/smoke/state_step000002.pt")
     payload = torch.load("checkpoints/smoke/state_step000002.pt", weights_only=True)
@@ -273,14 +279,14 @@ def test_sigterm_saves_the_current_step(smoke_run, monkeypatch, capsys):
     assert os.listdir("checkpoints/smoke") == ["state_step000002.pt"]
 
 
-def test_resume_refuses_other_settings_and_checkpoints_without_optimizer_states(smoke_run, tmp_path):
+def test_resume_refuses_other_settings_and_checkpoints_without_optimizer_states(quick_run, tmp_path):
     interrupted_path = "checkpoints/smoke/state_step000001.pt"
-    assert tg.train(replace(smoke_run, num_iterations=1)) == 0
+    assert tg.train(replace(quick_run, num_iterations=1)) == 0
     with pytest.raises(tg.CheckpointError, match=r"trained with other settings \(NUM_ITERATIONS=1 there, 30 here\)"):
-        tg.train(replace(smoke_run, resume=interrupted_path))
+        tg.train(replace(quick_run, resume=interrupted_path))
     tg.save_checkpoint(str(tmp_path / "model_only.pt"), tiny_model("parallax"), SMOKE, step=1)
     with pytest.raises(tg.CheckpointError, match="holds no optimizer states"):
-        tg.train(replace(smoke_run, resume=str(tmp_path / "model_only.pt"), run_name="other"))
+        tg.train(replace(quick_run, resume=str(tmp_path / "model_only.pt"), run_name="other"))
 
 
 def test_temporary_files_are_never_checkpoints_and_go_at_the_next_save(tmp_path):
