@@ -69,7 +69,7 @@ import parallax_kernels
 
 @dataclass
 class Hyperparameters:
-    run_name: str = ""  # names logs/<run-id>.txt and checkpoints/<run-id>/; default <attention>-<random hex>
+    run_name: str = ""  # names logs/<run-id>.txt, checkpoints/<run-id>/; default <attention>-<hex>, or RESUME's run
     seed: int = 0  # model initialization (the data order is fixed)
     # data: modded-nanoGPT shards (see load_shard)
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
