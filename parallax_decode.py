@@ -15,20 +15,18 @@ Backends, chosen per device by `decode_backend(device)`:
 Both kernels keep, per query head, the online-softmax state m, d1 = sum e^(s-m),
 d2 = sum e^(s-m) u, O1 = sum e^(s-m) v, O2 = sum e^(s-m) u v (s = scale q.k, u = r.k) and finish
 with o = (O1/d1)(1 + d2/d1) - O2/d1; KV splits combine by rescaling all four with e^(m_split - m).
-
-`python parallax_kernels.py bench decode` runs `bench_decode()`.
+Below parallax_kernels.py (the front door); imports only parallax_reference.py, and the CuTe DSL
+kernel on first use.
 """
 import math
-import statistics
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from parallax_kernels import HALF_DTYPES, SUPPORTED_HEAD_DIMS, _check_shapes, parallax_reference
-
-CUTE_HEAD_RATIOS = (1, 2, 4, 8)
+from parallax_reference import (HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, choose_num_splits,
+                                parallax_decode_reference, parallax_output)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +46,7 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens, *, window=None, scale
     and Lmax): make one call before capturing a graph.
     """
     backend = decode_backend(q.device) if isinstance(q, torch.Tensor) else "reference"
-    _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend)
+    check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend)
     if backend == "reference":
         result = parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, window, scale)
         return result if out is None else out.copy_(result)
@@ -85,7 +83,7 @@ def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, *, window=None
     """The Triton decode path on its own (any integer head ratio). Runs on CUDA tensors, or on CPU
     tensors under TRITON_INTERPRET=1 (fp16/fp32 there: the interpreter misreads bf16 loads).
     num_splits overrides the KV split count (tests use it to exercise the combine)."""
-    _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, "triton")
+    check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, "triton")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, r = q.contiguous(), r.contiguous()
     target = out if out is not None and out.is_contiguous() else torch.empty_like(q)
@@ -131,29 +129,25 @@ def _disable_cute(device, reason):
 # Validation
 
 
-def _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend):
+def check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, backend):
     """Raise ValueError naming the offending argument."""
     if not isinstance(cache_seqlens, torch.Tensor):
         raise ValueError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
     if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != 1:
         raise ValueError(f"q must have shape (B, 1, Hq, D) (one query per row), got {tuple(q.shape)}")
     on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
-    _check_shapes(q, r, k_cache, v_cache, None, window, scale, allow_cpu=True,
+    check_shapes(q, r, k_cache, v_cache, None, window, scale, allow_cpu=True,
                   dtypes=HALF_DTYPES + ((torch.float32,) if on_cpu else ()), head_dims=SUPPORTED_HEAD_DIMS,
                   names=("k_cache", "v_cache"))
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     B, _, Hq, D = q.shape
     Lmax, Hkv = k_cache.shape[1:3]
-    if backend == "cute" and Hq // Hkv not in CUTE_HEAD_RATIOS:
-        raise ValueError(f"head ratio Hq/Hkv = {Hq // Hkv} is not supported by the CuTe DSL decode "
-                         f"kernel; supported: {CUTE_HEAD_RATIOS}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride in the head dim, got strides {x.stride()}")
-        if backend == "cute" and (x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1])):
-            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 "
-                             f"elements for the CuTe DSL kernel, got strides {x.stride()}")
+    if backend == "cute":
+        _cute_kernel(q.device).check_inputs(q, k_cache, v_cache)
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
         raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
@@ -165,19 +159,6 @@ def _check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, o
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 1 or hi > Lmax:
             raise ValueError(f"cache_seqlens must lie in [1, {Lmax}] (k_cache's length), got {lo}..{hi}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference (CPU)
-
-
-def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, window=None, scale=None):
-    """parallax_reference row by row over each row's valid keys (any device; reads the lengths on the host)."""
-    rows = []
-    for b, length in enumerate(cache_seqlens.tolist()):
-        rows.append(parallax_reference(q[b:b + 1], r[b:b + 1], k_cache[b:b + 1, :length],
-                                       v_cache[b:b + 1, :length], window=window, scale=scale))
-    return torch.cat(rows).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +234,7 @@ def _decode_split_kernel(Q, R, K, V, Lens, Out, WsO, WsStat,
         tl.store(WsO + (row * 2 + 0) * BLOCK_G * D + o_offsets, o1)
         tl.store(WsO + (row * 2 + 1) * BLOCK_G * D + o_offsets, o2)
     else:
-        inv = 1.0 / tl.where(d1 > 0, d1, float("inf"))  # a row without visible keys gives 0
-        o = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
+        o = parallax_output(o1, o2, d1, d2)
         tl.store(Out + q_offsets, o.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])
 
 
@@ -282,8 +262,7 @@ def _decode_combine_kernel(Out, WsO, WsStat, kv_heads, num_splits,
         d2 += weight * tl.load(WsStat + (row * 3 + 2) * BLOCK_G + g)
         o1 += weight[:, None] * tl.load(WsO + (row * 2 + 0) * BLOCK_G * D + o_offsets)
         o2 += weight[:, None] * tl.load(WsO + (row * 2 + 1) * BLOCK_G * D + o_offsets)
-    inv = 1.0 / tl.where(d1 > 0, d1, float("inf"))
-    o = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
+    o = parallax_output(o1, o2, d1, d2)
     q_offsets = (b * kv_heads * GROUP + h * GROUP + g)[:, None] * D + d[None, :]
     tl.store(Out + q_offsets, o.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])
 
@@ -291,18 +270,12 @@ def _decode_combine_kernel(Out, WsO, WsStat, kv_heads, num_splits,
 TRITON_BLOCK_N = 64
 
 
-def _triton_num_splits(batch, kv_heads, max_len, device):
-    """About one program per SM; a function of the shape class only, never of the lengths."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(sms // (batch * kv_heads), triton.cdiv(max_len, TRITON_BLOCK_N)))
-
-
 def _decode_triton(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, num_splits=None):
     B, _, Hq, D = q.shape
     Lmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
-    splits = num_splits or _triton_num_splits(B, Hkv, Lmax, q.device)
+    splits = num_splits or choose_num_splits(B * Hkv, Lmax, TRITON_BLOCK_N, q.device)
     ws_o = ws_stat = out
     if splits > 1:
         ws_o = torch.empty(B * Hkv * splits * 2 * block_g * D, dtype=torch.float32, device=q.device)
@@ -317,90 +290,3 @@ def _decode_triton(q, r, k_cache, v_cache, cache_seqlens, window, scale, out, nu
         _decode_combine_kernel[(B * Hkv,)](out, ws_o, ws_stat, Hkv, splits,
                                            GROUP=group, BLOCK_G=block_g, D=D, num_warps=4)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: `python parallax_kernels.py bench decode`
-
-
-def _graph_time_us(fn, calls_per_graph=32, replays=25):
-    """Median time per call of `fn` over CUDA-graph replays of `calls_per_graph` back-to-back calls."""
-    fn()  # compile / autotune outside the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
-    return statistics.median(times)
-
-
-def _copy_bandwidth(nbytes=1 << 30):
-    """Device-to-device copy bandwidth in bytes/s, counting read + write bytes. Timed eagerly:
-    inside a CUDA graph the copy becomes a memcpy node served by the slower copy engines."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def bench_decode(batches=(1, 8, 32), lengths=(512, 1024, 4096, 16384), heads=8, head_dim=128):
-    """Per-call decode time (us) of Parallax (CuTe DSL, Triton) against softmax decode through SDPA
-    (cuDNN, FlashAttention-2) and the HBM floor, bf16, all rows at full length L."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
-    bandwidth = _copy_bandwidth()
-    backend = decode_backend(device)
-    print(f"decode bench on {torch.cuda.get_device_name()}: H={heads} D={head_dim} bf16, "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, parallax_decode backend: {backend}")
-    columns = ["B", "L", "parallax", "triton", "cudnn", "fa2", "floor", "parallax/cudnn"]
-    print("".join(f"{c:>16}" for c in columns))
-    rows = []
-    for B in batches:
-        for L in lengths:
-            q, r = (torch.randn(B, 1, heads, head_dim, device=device, dtype=dtype) for _ in range(2))
-            k, v = (torch.randn(B, L, heads, head_dim, device=device, dtype=dtype) for _ in range(2))
-            lens = torch.full((B,), L, dtype=torch.int32, device=device)
-            out = torch.empty_like(q)
-            t_ours = _graph_time_us(lambda: parallax_decode(q, r, k, v, lens, out=out))
-            t_triton = _graph_time_us(lambda: parallax_decode_triton(q, r, k, v, lens, out=out))
-            qs = q.transpose(1, 2).contiguous()  # (B, H, 1, D) against (B, H, L, D)
-            ks, vs = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-            softmax_times = []
-            for sdpa_backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
-                def softmax_decode():
-                    with sdpa_kernel(sdpa_backend):
-                        torch.nn.functional.scaled_dot_product_attention(qs, ks, vs)
-                try:
-                    softmax_times.append(_graph_time_us(softmax_decode))
-                except RuntimeError:  # backend unavailable for this shape or build
-                    softmax_times.append(float("nan"))
-            floor = 2 * k.numel() * k.element_size() / bandwidth * 1e6
-            row = [B, L, t_ours, t_triton, *softmax_times, floor, t_ours / softmax_times[0]]
-            rows.append(row)
-            print(f"{B:>16}{L:>16}" + "".join(f"{x:>16.2f}" for x in row[2:]))
-            del q, r, k, v, qs, ks, vs
-    return rows

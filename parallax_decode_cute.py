@@ -1,14 +1,17 @@
 """Parallax single-query decode over a KV cache: a CuTe DSL kernel for Hopper (SM90).
 
-A leaf module (it imports only torch and the CuTe DSL); `parallax_decode.py` validates inputs and
-dispatches here. One CTA works on one (batch row, KV head or pair of KV heads, KV split) with
-one or two warpgroups, each an independent pipeline over its share (every other tile) of the
-split's 64-row tiles:
+It imports only torch, the CuTe DSL and parallax_reference.py; `parallax_decode.py` validates
+inputs and dispatches here; ParallaxDecodeSm90.can_implement and check_inputs state what it
+supports. One CTA works on one (batch row, KV head or pair of KV heads, KV split) with one or
+two warpgroups, each an independent pipeline over its share (every other tile) of the split's
+64-row tiles. `kernel` sets up and runs the mainloop, one tile per iteration: load_tile (TMA),
+zero_invisible_values, mma_scores, mask_scores, exchange_tile_max, online_softmax, mma_output;
+then epilogue, merge_in_cta and merge_splits:
 
 - a tile holds 64 keys of one KV head or, with paired heads, 32 keys of two adjacent KV heads
   with their rows interleaved: a tile's TMA loads then read a key's rows of both heads
-  together, 512 contiguous bytes of the (B, L, H, D) cache instead of 256 (measured up to 1%
-  faster where decode streams from DRAM). The pair's q heads take the columns of one group
+  together, 512 contiguous bytes of the (B, L, H, D) cache instead of 256, which pays where
+  decode streams from DRAM. The pair's q heads take the columns of one group
   of twice the size, and a row's scores against the other head's q are masked;
 - the warpgroup's warp 0 streams its K and V tiles into shared memory with TMA, through an
   mbarrier pipeline (at D = 128: two stages per warpgroup, and one CTA per SM with two
@@ -28,8 +31,8 @@ split's 64-row tiles:
   a slice of the outputs: every CTA merges its warpgroups' partial states per output element
   and pushes them into the shared memory of the split that owns the element (asynchronous
   distributed shared memory stores, st.async, whose bytes complete a transaction count on that
-  CTA's mbarrier: no fence on either side, 0.4-0.9 us per call faster than plain stores with a
-  cluster-scope release arrival and acquire fence), so a CTA waits only for the pushes it
+  CTA's mbarrier: no fence on either side, cheaper than plain stores with a cluster-scope
+  release arrival and acquire fence), so a CTA waits only for the pushes it
   needs and the kernel ends without a cluster-wide barrier. A decode step is one launch, with
   no workspace and no global atomics.
 
@@ -56,18 +59,21 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
 
+from parallax_reference import choose_num_splits, num_sms
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_GROUPS = (1, 2, 4, 8)  # q heads per KV head
 TILE_ROWS = 64  # K/V rows per pipeline stage: 64 keys, or 32 keys of two paired KV heads
-MAX_GROUP = 8  # q heads per KV head
+MAX_GROUP = max(SUPPORTED_GROUPS)
 WARPGROUP_THREADS = 128
-# Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (more
-# stages measured slower, and two CTAs per SM would let the scheduler pack a cluster onto half
-# as many SMs, which then cannot pull their share of the bandwidth). One warpgroup, when a
-# split's CTAs outnumber the SMs: up to three CTAs per SM, so all CTAs are resident at once and
-# every SM gets some (two stages of 64 rows at D = 128 measured faster than three).
+# Shared memory for the stages by warpgroups per CTA. Two warpgroups: one CTA per SM (two CTAs
+# per SM would let the scheduler pack a cluster onto half as many SMs, which then cannot pull
+# their share of the bandwidth). One warpgroup, when a split's CTAs outnumber the SMs: up to
+# three CTAs per SM, so all CTAs are resident at once and every SM gets some (two stages of 64
+# rows at D = 128). Stage counts were chosen by timing (README).
 STAGE_BYTES = {1: 64 * 1024, 2: 128 * 1024}
-# The portable cluster size. 16 CTAs per (row, KV head) measured slower both as one cluster (not
-# every GPC holds 16) and as two clusters joined through global memory (the join costs more
-# than the extra SMs bring).
+# The portable cluster size. 16 CTAs per (row, KV head) were slower both as one cluster (not
+# every GPC holds 16) and as two clusters joined through global memory (README).
 MAX_SPLITS = 8
 O_PAD = 4  # floats of padding per accumulator column in the epilogue, against bank conflicts
 STAT_ROWS = 9  # per warpgroup and head: m, then d1 of each of the 4 warps, then d2 of each
@@ -80,9 +86,19 @@ class ParallaxDecodeSm90:
     """The decode kernel for one (dtype, head dim, head ratio, split count, warpgroups per CTA,
     paired KV heads); call it through cute.compile."""
 
+    @staticmethod
+    def can_implement(dtype, head_dim, group, num_splits, warpgroups, paired) -> bool:
+        """The configurations the kernel supports; check_inputs holds the inputs' side (head
+        ratio, alignment)."""
+        return (dtype in _TORCH_TO_CUTE.values() and head_dim in SUPPORTED_HEAD_DIMS
+                and group in SUPPORTED_GROUPS and 1 <= num_splits <= MAX_SPLITS
+                and warpgroups in STAGE_BYTES and not (paired and group > MAX_GROUP // 2))
+
     def __init__(self, dtype, head_dim, group, num_splits, warpgroups, paired):
-        assert head_dim in (64, 128) and group in (1, 2, 4, 8) and 1 <= num_splits <= MAX_SPLITS
-        assert warpgroups in STAGE_BYTES and not (paired and group > MAX_GROUP // 2)
+        if not self.can_implement(dtype, head_dim, group, num_splits, warpgroups, paired):
+            raise ValueError(f"unsupported decode kernel configuration: {dtype}, head dim "
+                             f"{head_dim}, group {group}, {num_splits} splits, {warpgroups} "
+                             f"warpgroups, paired={paired}")
         self.dtype = dtype
         self.head_dim = head_dim
         self.kv_per_cta = 2 if paired else 1
@@ -110,8 +126,8 @@ class ParallaxDecodeSm90:
                  k_stride_b: Int64, k_stride_l: Int32, k_stride_h: Int32,
                  v_stride_b: Int64, v_stride_l: Int32, v_stride_h: Int32,
                  window: Int32, scale_log2: Float32, stream: cuda.CUstream):
-        D, S, T, HP = self.head_dim, self.num_splits, TILE_ROWS, self.kv_per_cta
-        NS, NO = self.score_cols, self.out_cols
+        D, kv_per_cta, num_splits = self.head_dim, self.kv_per_cta, self.num_splits
+        score_cols, out_cols = self.score_cols, self.out_cols
         q_heads = kv_heads * self.kv_group
         # q, r and out are contiguous (B, Hq, D); the caches only need unit stride in D and
         # 16-byte strides (TMA), checked by the caller.
@@ -124,41 +140,42 @@ class ParallaxDecodeSm90:
         # second. Rows are keys, or (head of the pair, key) with the head inner.
         def rows_of(stride_l, stride_h):
             stride_l = cute.assume(stride_l, divby=8)
-            if cutlass.const_expr(HP == 1):
+            if cutlass.const_expr(kv_per_cta == 1):
                 return max_len, stride_l
-            return (HP, max_len), (cute.assume(stride_h, divby=8), stride_l)
+            return (kv_per_cta, max_len), (cute.assume(stride_h, divby=8), stride_l)
         k_rows, k_row_stride = rows_of(k_stride_l, k_stride_h)
         v_rows, v_row_stride = rows_of(v_stride_l, v_stride_h)
         mK = cute.make_tensor(k_ptr, cute.make_layout(
-            (k_rows, D, kv_heads // HP, batch),
-            stride=(k_row_stride, 1, cute.assume(k_stride_h * HP, divby=8),
+            (k_rows, D, kv_heads // kv_per_cta, batch),
+            stride=(k_row_stride, 1, cute.assume(k_stride_h * kv_per_cta, divby=8),
                     cute.assume(k_stride_b, divby=8))))
         mVt = cute.make_tensor(v_ptr, cute.make_layout(
-            (D, v_rows, kv_heads // HP, batch),
-            stride=(1, v_row_stride, cute.assume(v_stride_h * HP, divby=8),
+            (D, v_rows, kv_heads // kv_per_cta, batch),
+            stride=(1, v_row_stride, cute.assume(v_stride_h * kv_per_cta, divby=8),
                     cute.assume(v_stride_b, divby=8))))
         mLens = cute.make_tensor(lens_ptr, cute.make_layout((batch,)))
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         # S^T = K [Q; R]^T: keys on the MMA's M, the (q, r) columns of the group on N
         mma_s = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), (T, NS))
+            self.dtype, self.dtype, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), (TILE_ROWS, score_cols))
         # O^T += V^T P^T: head dimension on M (D / 64 m64 tiles), keys on K
         mma_o = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, MN_MAJOR, K_MAJOR, Float32, (1, 1, 1), (64, NO))
+            self.dtype, self.dtype, MN_MAJOR, K_MAJOR, Float32, (1, 1, 1), (64, out_cols))
         sK_layout = sm90_utils.make_smem_layout_a(
-            LayoutEnum.ROW_MAJOR, (T, NS, D), self.dtype, self.num_stages)
+            LayoutEnum.ROW_MAJOR, (TILE_ROWS, score_cols, D), self.dtype, self.num_stages)
         sV_layout = sm90_utils.make_smem_layout_a(
-            LayoutEnum.COL_MAJOR, (D, NO, T), self.dtype, self.num_stages)
+            LayoutEnum.COL_MAJOR, (D, out_cols, TILE_ROWS), self.dtype, self.num_stages)
         sQR_layout = sm90_utils.make_smem_layout_b(
-            LayoutEnum.ROW_MAJOR, (T, NS, D), self.dtype, 1)
+            LayoutEnum.ROW_MAJOR, (TILE_ROWS, score_cols, D), self.dtype, 1)
         sP_layout = sm90_utils.make_smem_layout_b(  # one P^T buffer per warpgroup
-            LayoutEnum.ROW_MAJOR, (D, NO, T), self.dtype, self.warpgroups)
+            LayoutEnum.ROW_MAJOR, (D, out_cols, TILE_ROWS), self.dtype, self.warpgroups)
         tma_k, mK_tma = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mK, cute.slice_(sK_layout, (None, None, 0)), (T, D))
+            cpasync.CopyBulkTensorTileG2SOp(), mK, cute.slice_(sK_layout, (None, None, 0)),
+            (TILE_ROWS, D))
         tma_v, mV_tma = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mVt, cute.slice_(sV_layout, (None, None, 0)),
-            (D, T))
-        tile_bytes = 2 * T * D * (self.dtype.width // 8)  # K and V of one stage
+            (D, TILE_ROWS))
+        tile_bytes = 2 * TILE_ROWS * D * (self.dtype.width // 8)  # K and V of one stage
         slice_size = self.slice_size
 
         @cute.struct
@@ -174,18 +191,20 @@ class ParallaxDecodeSm90:
             sStat: cute.struct.MemRange[Float32, self.warpgroups * STAT_ROWS * MAX_GROUP]
             # the split's slice of the outputs as every split's partial state (m, d1, d2, O1, O2)
             # per element, pushed by the CTAs of the cluster, and the barrier counting its bytes
-            sMerge: cute.struct.MemRange[Float32, S * 5 * slice_size if S > 1 else 1]
+            sMerge: cute.struct.MemRange[
+                Float32, num_splits * 5 * slice_size if num_splits > 1 else 1]
             merge_barrier: cute.struct.MemRange[Int64, 1]
 
         # the epilogue reuses the K stages for the fp32 accumulators O^T of the warpgroups
-        assert self.warpgroups * NO * (D + O_PAD) * 4 <= cute.cosize(sK_layout) * (
+        assert self.warpgroups * out_cols * (D + O_PAD) * 4 <= cute.cosize(sK_layout) * (
             self.dtype.width // 8)
 
         self.kernel(mQ, mR, mK_tma, mV_tma, mLens, mOut, window, scale_log2, tma_k, tma_v,
                     sK_layout, sV_layout, sQR_layout, sP_layout, mma_s, mma_o, tile_bytes,
                     SharedStorage).launch(
-            grid=(S, kv_heads // HP, batch), block=(WARPGROUP_THREADS * self.warpgroups, 1, 1),
-            cluster=(S, 1, 1), stream=stream)
+            grid=(num_splits, kv_heads // kv_per_cta, batch),
+            block=(WARPGROUP_THREADS * self.warpgroups, 1, 1),
+            cluster=(num_splits, 1, 1), stream=stream)
 
     # ------------------------------------------------------------------------------------------
     # Device side.
@@ -198,11 +217,11 @@ class ParallaxDecodeSm90:
                sQR_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
                mma_s: cute.TiledMma, mma_o: cute.TiledMma, tile_bytes: cutlass.Constexpr,
                SharedStorage: cutlass.Constexpr):
-        D, G, S, T, W = self.head_dim, self.group, self.num_splits, TILE_ROWS, self.warpgroups
-        HP = self.kv_per_cta
-        TK = T // HP  # keys per tile
-        HB, NS, NO = self.head_blocks, self.score_cols, self.out_cols
-        threads = WARPGROUP_THREADS * W
+        """One CTA = one (split, KV head or pair, batch row): set up, then per tile load / score
+        MMA / online softmax / output MMA, then the epilogue and the merge over warpgroups and
+        splits."""
+        D, num_splits, warpgroups = self.head_dim, self.num_splits, self.warpgroups
+        keys_per_tile = TILE_ROWS // self.kv_per_cta
         tidx, _, _ = cute.arch.thread_idx()
         split, cta_head, batch_idx = cute.arch.block_idx()  # cta_head: KV head, or pair
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -214,24 +233,26 @@ class ParallaxDecodeSm90:
 
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)  # (T, D, stage)
-        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)  # (D, T, stage)
-        sQR = storage.sQR.get_tensor(sQR_layout.outer, swizzle=sQR_layout.inner)  # (NS, D, 1)
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)  # (NO, T, W)
+        # sK (tile rows, D, stage), sV (D, tile rows, stage), sQR (score cols, D, 1),
+        # sP (out cols, tile rows, warpgroup)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sQR = storage.sQR.get_tensor(sQR_layout.outer, swizzle=sQR_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sMax = storage.sMax.get_tensor(cute.make_layout(
-            (W, 4, MAX_GROUP), stride=(4 * MAX_GROUP, MAX_GROUP, 1)))
+            (warpgroups, 4, MAX_GROUP), stride=(4 * MAX_GROUP, MAX_GROUP, 1)))
         sStat = storage.sStat.get_tensor(cute.make_layout(
-            (W, STAT_ROWS, MAX_GROUP), stride=(STAT_ROWS * MAX_GROUP, MAX_GROUP, 1)))
+            (warpgroups, STAT_ROWS, MAX_GROUP), stride=(STAT_ROWS * MAX_GROUP, MAX_GROUP, 1)))
         # The merge barrier completes when every split has pushed its partial state of each
         # element of this split's slice: one arrival, here, that expects all their bytes.
-        slice_size = self.slice_size
         merge_barrier = storage.merge_barrier.data_ptr()
-        if cutlass.const_expr(S > 1):
+        if cutlass.const_expr(num_splits > 1):
             if tidx == 0:
-                slice_elements = cutlass.min(slice_size, G * D - split * slice_size)
+                slice_elements = cutlass.min(self.slice_size,
+                                             self.group * D - split * self.slice_size)
                 cute.arch.mbarrier_init(merge_barrier, 1)
                 cute.arch.mbarrier_arrive_and_expect_tx(  # 5 fp32 per element and split
-                    merge_barrier, S * slice_elements * 5 * (Float32.width // 8))
+                    merge_barrier, num_splits * slice_elements * 5 * (Float32.width // 8))
         # warpgroup w consumes tiles w, w + W, ... of the split from its own stages; its warp 0
         # arms each stage and issues the TMA loads, each of its 4 warps releases the stage
         kv_pipeline = pipeline.PipelineTmaAsync.create(
@@ -239,8 +260,8 @@ class ParallaxDecodeSm90:
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),
             tx_count=tile_bytes)
-        if cutlass.const_expr(S > 1):  # the merge barriers are initialized cluster-wide before
-            cute.arch.cluster_arrive_relaxed()  # the first push (cluster_wait in the epilogue)
+        if cutlass.const_expr(num_splits > 1):  # the merge barriers are initialized cluster-wide
+            cute.arch.cluster_arrive_relaxed()  # before the first push (cluster_wait in the merge)
         wg = warp_idx // 4
         wg_tidx = tidx % WARPGROUP_THREADS
         wg_warp = warp_idx % 4
@@ -250,23 +271,23 @@ class ParallaxDecodeSm90:
         col_pair = lane % 4
 
         # ---- which keys this warpgroup reads ----------------------------------------------------
-        # Visible keys are [lo, hi); the row's TK-key tiles (aligned to multiples of TK) are
+        # Visible keys are [lo, hi); the row's tiles (aligned to multiples of keys_per_tile) are
         # dealt out to splits in contiguous runs, and inside a split round-robin to warpgroups.
-        max_len = mK.shape[0][1] if cutlass.const_expr(HP > 1) else mK.shape[0]
+        max_len = mK.shape[0][1] if cutlass.const_expr(self.kv_per_cta > 1) else mK.shape[0]
         hi = cutlass.min(cache_len, max_len)
         lo = cutlass.max(hi - window, 0)
-        first_tile = lo // TK
-        num_tiles = cutlass.max((hi + TK - 1) // TK - first_tile, 0)
-        tiles_per_split = (num_tiles + S - 1) // S
+        first_tile = lo // keys_per_tile
+        num_tiles = cutlass.max((hi + keys_per_tile - 1) // keys_per_tile - first_tile, 0)
+        tiles_per_split = (num_tiles + num_splits - 1) // num_splits
         split_first = first_tile + split * tiles_per_split
         split_tiles = cutlass.max(
             cutlass.min(tiles_per_split, num_tiles - split * tiles_per_split), 0)
-        wg_tiles = cutlass.max(split_tiles - wg + W - 1, 0) // W
-        wg_stages = self.num_stages // W
+        wg_tiles = cutlass.max(split_tiles - wg + warpgroups - 1, 0) // warpgroups
+        wg_stages = self.num_stages // warpgroups
 
         # ---- TMA partitions; the first stages are filled before anything else -----------------
-        gK = cute.local_tile(mK[None, None, cta_head, batch_idx], (T, D), (None, 0))
-        gV = cute.local_tile(mV[None, None, cta_head, batch_idx], (D, T), (0, None))
+        gK = cute.local_tile(mK[None, None, cta_head, batch_idx], (TILE_ROWS, D), (None, 0))
+        gV = cute.local_tile(mV[None, None, cta_head, batch_idx], (D, TILE_ROWS), (0, None))
         tKsK, tKgK = cpasync.tma_partition(tma_k, 0, cute.make_layout(1),
                                            cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2))
         tVsV, tVgV = cpasync.tma_partition(tma_v, 0, cute.make_layout(1),
@@ -275,22 +296,10 @@ class ParallaxDecodeSm90:
         if wg_warp == 0:
             for i in cutlass.range(cutlass.min(wg_tiles, wg_stages), unroll=1):
                 self.load_tile(kv_pipeline, write, tma_k, tma_v, tKgK, tKsK, tVgV, tVsV,
-                               split_first + wg + i * W)
-                for _ in cutlass.range_constexpr(W):  # on to this warpgroup's next stage
+                               split_first + wg + i * warpgroups)
+                for _ in cutlass.range_constexpr(warpgroups):  # on to this warpgroup's next stage
                     write.advance()
-
-        # [Q; R]: column 8j + 2t is q of head 4j + t, column 8j + 2t + 1 its r (zeros for
-        # heads past the group)
-        for i in cutlass.range_constexpr((NS * D + threads - 1) // threads):
-            idx = i * threads + tidx
-            if idx < NS * D:
-                col, d = idx // D, idx % D
-                head = 4 * (col // 8) + (col % 8) // 2
-                q_head = cta_head * G + cutlass.min(head, G - 1)
-                value = mR[batch_idx, q_head, d] if col % 2 == 1 else mQ[batch_idx, q_head, d]
-                sQR[col, d, 0] = value if head < G else self.dtype(0)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier()
+        self.load_query(mQ, mR, sQR, cta_head, batch_idx, tidx)
 
         thr_s = mma_s.get_slice(wg_tidx)
         thr_o = mma_o.get_slice(wg_tidx)
@@ -298,184 +307,60 @@ class ParallaxDecodeSm90:
         tSrQR = thr_s.make_fragment_B(thr_s.partition_B(sQR))
         tOrV = thr_o.make_fragment_A(thr_o.partition_A(sV))
         tOrP = thr_o.make_fragment_B(thr_o.partition_B(sP))
-        acc_S = cute.make_rmem_tensor(thr_s.partition_shape_C((T, NS)), Float32)
+        score_tile = (TILE_ROWS, self.score_cols)
+        acc_S = cute.make_rmem_tensor(thr_s.partition_shape_C(score_tile), Float32)
         acc_S_mn = _mn_view(acc_S)  # (2 keys, (s, u) x head block)
-        tScS_mn = _mn_view(thr_s.partition_C(cute.make_identity_tensor((T, NS))))
-        acc_O = cute.make_rmem_tensor(thr_o.partition_shape_C((D, NO)), Float32)
+        tScS_mn = _mn_view(thr_s.partition_C(cute.make_identity_tensor(score_tile)))
+        acc_O = cute.make_rmem_tensor(thr_o.partition_shape_C((D, self.out_cols)), Float32)
         acc_O.fill(0.0)
         mma_o.set(warpgroup.Field.ACCUMULATE, True)
         # this thread's softmax state for heads 4j + col_pair: running max (log2 units, the same
         # in every warp), and its own keys' shares of d1 = sum e^(s-m) and d2 = sum e^(s-m) u
-        state = cute.make_rmem_tensor((3, HB), Float32)
-        for j in cutlass.range_constexpr(HB):
+        state = cute.make_rmem_tensor((3, self.head_blocks), Float32)
+        for j in cutlass.range_constexpr(self.head_blocks):
             state[0, j] = -Float32.inf
             state[1, j] = 0.0
             state[2, j] = 0.0
-        alpha = cute.make_rmem_tensor((HB,), Float32)
+        alpha = cute.make_rmem_tensor((self.head_blocks,), Float32)
 
+        # ---- mainloop: one tile per iteration, from this warpgroup's stages ---------------------
         read = pipeline.PipelineState(self.num_stages, wg, wg, Int32(0))
         for i in cutlass.range(wg_tiles, unroll=1):
             kv_pipeline.consumer_wait(read)
             stage = read.index
-            key0 = (split_first + wg + i * W) * TK
-            straddles = (key0 < lo) | (key0 + TK > hi)
+            first_key = (split_first + wg + i * warpgroups) * keys_per_tile
+            straddles = (first_key < lo) | (first_key + keys_per_tile > hi)
             if straddles:
-                # zero the V rows of keys outside [lo, hi)
-                for j in cutlass.range_constexpr(T * D // WARPGROUP_THREADS):
-                    idx = j * WARPGROUP_THREADS + wg_tidx
-                    key = key0 + idx // D // HP
-                    if (key < lo) | (key >= hi):
-                        sV[idx % D, idx // D, stage] = self.dtype(0)
-                cute.arch.fence_proxy("async.shared", space="cta")
-
-            # S^T = K [Q; R]^T
-            warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tSrK, mode=[2])):
-                mma_s.set(warpgroup.Field.ACCUMULATE, k != 0)
-                cute.gemm(mma_s, acc_S, tSrK[None, None, k, stage], tSrQR[None, None, k, 0],
-                          acc_S)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-
-            # tile maximum of each head: over this thread's 2 keys, the warp, then the 4 warps
-            if straddles:
-                for row in cutlass.range_constexpr(2):
-                    key = key0 + tScS_mn[row, 0][0] // HP
-                    if (key < lo) | (key >= hi):
-                        for c in cutlass.range_constexpr(2 * HB):
-                            acc_S_mn[row, c] = -Float32.inf if c % 2 == 0 else Float32(0.0)
-            if cutlass.const_expr(HP > 1):  # the scores of a row against the other head's q
-                for row in cutlass.range_constexpr(2):
-                    for j in cutlass.range_constexpr(HB):
-                        if (4 * j + col_pair) // self.kv_group != tScS_mn[row, 0][0] % HP:
-                            acc_S_mn[row, 2 * j] = -Float32.inf
-                            acc_S_mn[row, 2 * j + 1] = Float32(0.0)
-            for j in cutlass.range_constexpr(HB):
-                warp_max = _rows_allreduce(
-                    cute.arch.fmax(acc_S_mn[0, 2 * j], acc_S_mn[1, 2 * j]), cute.arch.fmax)
-                if lane < 4:
-                    sMax[wg, wg_warp, 4 * j + col_pair] = warp_max
-            cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
-
-            # online softmax: P and P*U of this thread's 2 keys into the P^T buffer, as 16-bit
-            # values and their rounding remainders
-            for j in cutlass.range_constexpr(HB):
-                tile_max = cute.arch.fmax(cute.arch.fmax(sMax[wg, 0, 4 * j + col_pair],
-                                                         sMax[wg, 1, 4 * j + col_pair]),
-                                          cute.arch.fmax(sMax[wg, 2, 4 * j + col_pair],
-                                                         sMax[wg, 3, 4 * j + col_pair]))
-                m_new = cute.arch.fmax(state[0, j], tile_max * scale_log2)
-                m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
-                alpha[j] = cute.math.exp2(state[0, j] - m_safe, fastmath=True)
-                state[0, j] = m_new
-                valid_head = 4 * j + col_pair < G
-                d1 = Float32(0.0)
-                d2 = Float32(0.0)
-                for row in cutlass.range_constexpr(2):
-                    key = tScS_mn[row, 0][0]
-                    p = cute.math.exp2(acc_S_mn[row, 2 * j] * scale_log2 - m_safe, fastmath=True)
-                    p = p if valid_head else Float32(0.0)
-                    pu = p * acc_S_mn[row, 2 * j + 1]
-                    d1 += p
-                    d2 += pu
-                    p_hi = p.to(self.dtype)
-                    pu_hi = pu.to(self.dtype)
-                    col = 8 * j + 2 * col_pair
-                    sP[col, key, wg] = p_hi
-                    sP[col + 1, key, wg] = pu_hi
-                    sP[col + NS, key, wg] = (p - p_hi.to(Float32)).to(self.dtype)
-                    sP[col + NS + 1, key, wg] = (pu - pu_hi.to(Float32)).to(self.dtype)
-                state[1, j] = state[1, j] * alpha[j] + d1
-                state[2, j] = state[2, j] * alpha[j] + d2
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
-
-            # O^T = O^T alpha + V^T P^T
-            for idx in cutlass.range_constexpr(cute.size(acc_O)):
-                acc_O[idx] = acc_O[idx] * alpha[(idx // 4) % HB]
-            warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
-                cute.gemm(mma_o, acc_O, tOrV[None, None, k, stage], tOrP[None, None, k, wg], acc_O)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
+                self.zero_invisible_values(sV, stage, first_key, lo, hi, wg_tidx)
+            self.mma_scores(mma_s, acc_S, tSrK, tSrQR, stage)
+            self.mask_scores(acc_S_mn, tScS_mn, first_key, lo, hi, straddles, col_pair)
+            self.exchange_tile_max(acc_S_mn, sMax, wg, wg_warp, wg_barrier, lane, col_pair)
+            self.online_softmax(acc_S_mn, tScS_mn, sMax, sP, state, alpha, wg, wg_barrier, col_pair,
+                                scale_log2)
+            self.mma_output(mma_o, acc_O, alpha, tOrV, tOrP, stage, wg)
             kv_pipeline.consumer_release(read)
-            for _ in cutlass.range_constexpr(W):
+            for _ in cutlass.range_constexpr(warpgroups):
                 read.advance()
             if wg_warp == 0 and i + wg_stages < wg_tiles:
                 self.load_tile(kv_pipeline, write, tma_k, tma_v, tKgK, tKsK, tVgV, tVsV,
-                               split_first + wg + (i + wg_stages) * W)
-                for _ in cutlass.range_constexpr(W):
+                               split_first + wg + (i + wg_stages) * warpgroups)
+                for _ in cutlass.range_constexpr(warpgroups):
                     write.advance()
 
-        # ---- epilogue: each warpgroup's partial state -> shared memory --------------------------
-        # O^T as (D, NO, warpgroup) fp32 over the K stages, padded by O_PAD floats per column
-        # against bank conflicts; m per head, d1 and d2 per warp and head.
-        for j in cutlass.range_constexpr(HB):
-            d1 = _rows_allreduce(state[1, j], _add)
-            d2 = _rows_allreduce(state[2, j], _add)
-            if lane < 4:
-                head = 4 * j + col_pair
-                sStat[wg, 1 + wg_warp, head] = d1
-                sStat[wg, 5 + wg_warp, head] = d2
-                if wg_warp == 0:
-                    sStat[wg, 0, head] = state[0, j]
-        cute.arch.barrier()  # every warpgroup is done reading the stages
-        o_stride = NO * (D + O_PAD)  # floats per warpgroup
+        # ---- epilogue and merge ---------------------------------------------------------------
+        # O^T as (D, out cols, warpgroup) fp32 over the K stages, padded by O_PAD floats per
+        # column against bank conflicts
         sO = cute.make_tensor(cute.recast_ptr(sK.iterator, dtype=Float32), cute.make_layout(
-            (D, NO, W), stride=(1, D + O_PAD, o_stride)))
-        thr_o.partition_C(sO[None, None, wg]).store(acc_O.load())
-        cute.arch.barrier()
-
-        # ---- this CTA's partial state, its warpgroups and 16-bit parts merged, per element -----
-        # With one split it is the output. Otherwise the elements are dealt out to the splits of
-        # the cluster in slices, and each CTA pushes its state of every element into the shared
-        # memory of the split that merges it (st.async stores counted by that CTA's merge
-        # barrier): no cluster-wide barrier at the end.
-        if cutlass.const_expr(S > 1):
+            (D, self.out_cols, warpgroups), stride=(1, D + O_PAD, self.out_cols * (D + O_PAD))))
+        self.epilogue(state, acc_O, thr_o, sO, sStat, wg, wg_warp, lane, col_pair)
+        sMerge = None
+        if cutlass.const_expr(num_splits > 1):
             sMerge = storage.sMerge.get_tensor(cute.make_layout(
-                (S, 5, slice_size), stride=(5 * slice_size, slice_size, 1)))
+                (num_splits, 5, self.slice_size), stride=(5 * self.slice_size, self.slice_size, 1)))
             cute.arch.cluster_wait()
-        for j in cutlass.range_constexpr((G * D + threads - 1) // threads):
-            idx = j * threads + tidx
-            if idx < G * D:
-                merged = _EMPTY_STATE
-                for w in cutlass.range_constexpr(W):
-                    merged = _merge(merged, _warpgroup_state(
-                        sO.iterator + w * o_stride, sStat.iterator + w * STAT_ROWS * MAX_GROUP,
-                        idx // D, idx % D, D + O_PAD, NS))
-                if cutlass.const_expr(S == 1):
-                    _, d1, d2, o1, o2 = merged
-                    mOut[batch_idx, cta_head * G + idx // D, idx % D] = _finalize(
-                        d1, d2, o1, o2).to(self.dtype)
-                else:
-                    owner = idx // slice_size
-                    slot = sMerge.iterator + split * 5 * slice_size + idx % slice_size
-                    for f in cutlass.range_constexpr(5):
-                        cute.arch.store_async_dsmem(slot + f * slice_size,
-                                                    merged[f].bitcast(Int32), merge_barrier, owner)
-
-        # ---- merge this split's slice over the splits: `lanes` lanes per element, a lane per
-        # split, combined by butterfly shuffles --------------------------------------------------
-        if cutlass.const_expr(S > 1):
-            lanes = 1 << (S - 1).bit_length()  # splits, to a power of 2
-            per_pass = threads // lanes
-            source = tidx % lanes
-            cute.arch.mbarrier_wait(merge_barrier, 0)
-            for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
-                position = j * per_pass + tidx // lanes
-                offset = cutlass.min(position, slice_size - 1)  # in bounds for the idle lanes
-                idx = split * slice_size + offset
-                m, d1, d2, o1, o2 = _EMPTY_STATE
-                if source < S:
-                    m, d1, d2, o1, o2 = (sMerge[source, f, offset] for f in range(5))
-                merged = (m, d1, d2, o1, o2)
-                for k in cutlass.range_constexpr(lanes.bit_length() - 1):
-                    merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
-                                                  for x in merged))
-                if (position < slice_size) & (idx < G * D) & (source == 0):
-                    _, d1, d2, o1, o2 = merged
-                    mOut[batch_idx, cta_head * G + idx // D, idx % D] = _finalize(
-                        d1, d2, o1, o2).to(self.dtype)
+        self.merge_in_cta(sO, sStat, sMerge, merge_barrier, mOut, split, cta_head, batch_idx, tidx)
+        if cutlass.const_expr(num_splits > 1):
+            self.merge_splits(sMerge, merge_barrier, mOut, split, cta_head, batch_idx, tidx)
 
     @cute.jit
     def load_tile(self, kv_pipeline: pipeline.PipelineTmaAsync, write: pipeline.PipelineState,
@@ -487,6 +372,203 @@ class ParallaxDecodeSm90:
         barrier = kv_pipeline.producer_get_barrier(write)
         cute.copy(tma_k, tKgK[None, tile], tKsK[None, write.index], tma_bar_ptr=barrier)
         cute.copy(tma_v, tVgV[None, tile], tVsV[None, write.index], tma_bar_ptr=barrier)
+
+    @cute.jit
+    def load_query(self, mQ: cute.Tensor, mR: cute.Tensor, sQR: cute.Tensor, cta_head: Int32,
+                   batch_idx: Int32, tidx: Int32):
+        """[Q; R] of the CTA's heads into shared memory: column 8j + 2t is q of head 4j + t,
+        column 8j + 2t + 1 its r (zeros for heads past the group)."""
+        D, group = self.head_dim, self.group
+        threads = WARPGROUP_THREADS * self.warpgroups
+        for i in cutlass.range_constexpr((self.score_cols * D + threads - 1) // threads):
+            idx = i * threads + tidx
+            if idx < self.score_cols * D:
+                col, d = idx // D, idx % D
+                head = 4 * (col // 8) + (col % 8) // 2
+                q_head = cta_head * group + cutlass.min(head, group - 1)
+                value = mR[batch_idx, q_head, d] if col % 2 == 1 else mQ[batch_idx, q_head, d]
+                sQR[col, d, 0] = value if head < group else self.dtype(0)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier()
+
+    @cute.jit
+    def zero_invisible_values(self, sV: cute.Tensor, stage: Int32, first_key: Int32, lo: Int32,
+                              hi: Int32, wg_tidx: Int32):
+        """Zero the V rows of keys outside [lo, hi) in a tile that straddles the range: TMA brought
+        them in, and not even NaN garbage there may reach the output."""
+        D = self.head_dim
+        for j in cutlass.range_constexpr(TILE_ROWS * D // WARPGROUP_THREADS):
+            idx = j * WARPGROUP_THREADS + wg_tidx
+            key = first_key + idx // D // self.kv_per_cta
+            if (key < lo) | (key >= hi):
+                sV[idx % D, idx // D, stage] = self.dtype(0)
+        cute.arch.fence_proxy("async.shared", space="cta")
+
+    @cute.jit
+    def mma_scores(self, mma_s: cute.TiledMma, acc_S: cute.Tensor, tSrK: cute.Tensor,
+                   tSrQR: cute.Tensor, stage: Int32):
+        """S^T = K [Q; R]^T: the score s and the probe u of every (key, head) of the tile."""
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(cute.size(tSrK, mode=[2])):
+            mma_s.set(warpgroup.Field.ACCUMULATE, k != 0)
+            cute.gemm(mma_s, acc_S, tSrK[None, None, k, stage], tSrQR[None, None, k, 0], acc_S)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def mask_scores(self, acc_S_mn: cute.Tensor, tScS_mn: cute.Tensor, first_key: Int32, lo: Int32,
+                    hi: Int32, straddles, col_pair: Int32):
+        """Scores of keys outside [lo, hi) to -inf and their probes to 0; with paired KV heads, the
+        same for a row's scores against the other head's q."""
+        if straddles:
+            for row in cutlass.range_constexpr(2):
+                key = first_key + tScS_mn[row, 0][0] // self.kv_per_cta
+                if (key < lo) | (key >= hi):
+                    for c in cutlass.range_constexpr(2 * self.head_blocks):
+                        acc_S_mn[row, c] = -Float32.inf if c % 2 == 0 else Float32(0.0)
+        if cutlass.const_expr(self.kv_per_cta > 1):
+            for row in cutlass.range_constexpr(2):
+                for j in cutlass.range_constexpr(self.head_blocks):
+                    if (4 * j + col_pair) // self.kv_group != tScS_mn[row, 0][0] % self.kv_per_cta:
+                        acc_S_mn[row, 2 * j] = -Float32.inf
+                        acc_S_mn[row, 2 * j + 1] = Float32(0.0)
+
+    @cute.jit
+    def exchange_tile_max(self, acc_S_mn: cute.Tensor, sMax: cute.Tensor, wg: Int32, wg_warp: Int32,
+                          wg_barrier: Int32, lane: Int32, col_pair: Int32):
+        """Each warp's maximum score per head (over its threads' 2 keys and its lanes) into shared
+        memory, for the 4 warps of the warpgroup to read."""
+        for j in cutlass.range_constexpr(self.head_blocks):
+            warp_max = _rows_allreduce(
+                cute.arch.fmax(acc_S_mn[0, 2 * j], acc_S_mn[1, 2 * j]), cute.arch.fmax)
+            if lane < 4:
+                sMax[wg, wg_warp, 4 * j + col_pair] = warp_max
+        cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
+
+    @cute.jit
+    def online_softmax(self, acc_S_mn: cute.Tensor, tScS_mn: cute.Tensor, sMax: cute.Tensor,
+                       sP: cute.Tensor, state: cute.Tensor, alpha: cute.Tensor, wg: Int32,
+                       wg_barrier: Int32, col_pair: Int32, scale_log2: Float32):
+        """Update the running max, d1 and d2, and write P and P*U of this thread's 2 keys into the
+        P^T buffer as 16-bit values and their rounding remainders; alpha rescales the output."""
+        for j in cutlass.range_constexpr(self.head_blocks):
+            tile_max = cute.arch.fmax(cute.arch.fmax(sMax[wg, 0, 4 * j + col_pair],
+                                                     sMax[wg, 1, 4 * j + col_pair]),
+                                      cute.arch.fmax(sMax[wg, 2, 4 * j + col_pair],
+                                                     sMax[wg, 3, 4 * j + col_pair]))
+            m_new = cute.arch.fmax(state[0, j], tile_max * scale_log2)
+            m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
+            alpha[j] = cute.math.exp2(state[0, j] - m_safe, fastmath=True)
+            state[0, j] = m_new
+            valid_head = 4 * j + col_pair < self.group
+            d1 = Float32(0.0)
+            d2 = Float32(0.0)
+            for row in cutlass.range_constexpr(2):
+                key = tScS_mn[row, 0][0]
+                p = cute.math.exp2(acc_S_mn[row, 2 * j] * scale_log2 - m_safe, fastmath=True)
+                p = p if valid_head else Float32(0.0)
+                pu = p * acc_S_mn[row, 2 * j + 1]
+                d1 += p
+                d2 += pu
+                p_hi = p.to(self.dtype)
+                pu_hi = pu.to(self.dtype)
+                col = 8 * j + 2 * col_pair
+                sP[col, key, wg] = p_hi
+                sP[col + 1, key, wg] = pu_hi
+                sP[col + self.score_cols, key, wg] = (p - p_hi.to(Float32)).to(self.dtype)
+                sP[col + self.score_cols + 1, key, wg] = (pu - pu_hi.to(Float32)).to(self.dtype)
+            state[1, j] = state[1, j] * alpha[j] + d1
+            state[2, j] = state[2, j] * alpha[j] + d2
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=wg_barrier, number_of_threads=WARPGROUP_THREADS)
+
+    @cute.jit
+    def mma_output(self, mma_o: cute.TiledMma, acc_O: cute.Tensor, alpha: cute.Tensor,
+                   tOrV: cute.Tensor, tOrP: cute.Tensor, stage: Int32, wg: Int32):
+        """O^T = O^T alpha + V^T P^T."""
+        for idx in cutlass.range_constexpr(cute.size(acc_O)):
+            acc_O[idx] = acc_O[idx] * alpha[(idx // 4) % self.head_blocks]
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
+            cute.gemm(mma_o, acc_O, tOrV[None, None, k, stage], tOrP[None, None, k, wg], acc_O)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def epilogue(self, state: cute.Tensor, acc_O: cute.Tensor, thr_o, sO: cute.Tensor,
+                 sStat: cute.Tensor, wg: Int32, wg_warp: Int32, lane: Int32, col_pair: Int32):
+        """Each warpgroup's partial state into shared memory: m per head, d1 and d2 per warp and
+        head, O^T into sO over the K stages once every warpgroup is done reading them."""
+        for j in cutlass.range_constexpr(self.head_blocks):
+            d1 = _rows_allreduce(state[1, j], _add)
+            d2 = _rows_allreduce(state[2, j], _add)
+            if lane < 4:
+                head = 4 * j + col_pair
+                sStat[wg, 1 + wg_warp, head] = d1
+                sStat[wg, 5 + wg_warp, head] = d2
+                if wg_warp == 0:
+                    sStat[wg, 0, head] = state[0, j]
+        cute.arch.barrier()
+        thr_o.partition_C(sO[None, None, wg]).store(acc_O.load())
+        cute.arch.barrier()
+
+    @cute.jit
+    def merge_in_cta(self, sO: cute.Tensor, sStat: cute.Tensor, sMerge, merge_barrier,
+                     mOut: cute.Tensor, split: Int32, cta_head: Int32, batch_idx: Int32,
+                     tidx: Int32):
+        """This CTA's partial state, its warpgroups and 16-bit parts merged, per element. With one
+        split it is the output. Otherwise the elements are dealt out to the splits of the cluster
+        in slices, and each CTA pushes its state of every element into the shared memory of the
+        split that merges it (st.async stores counted by that CTA's merge barrier): no
+        cluster-wide barrier at the end."""
+        D, group, slice_size = self.head_dim, self.group, self.slice_size
+        threads = WARPGROUP_THREADS * self.warpgroups
+        o_stride = self.out_cols * (D + O_PAD)  # floats per warpgroup
+        for j in cutlass.range_constexpr((group * D + threads - 1) // threads):
+            idx = j * threads + tidx
+            if idx < group * D:
+                merged = _EMPTY_STATE
+                for w in cutlass.range_constexpr(self.warpgroups):
+                    merged = _merge(merged, _warpgroup_state(
+                        sO.iterator + w * o_stride, sStat.iterator + w * STAT_ROWS * MAX_GROUP,
+                        idx // D, idx % D, D + O_PAD, self.score_cols))
+                if cutlass.const_expr(self.num_splits == 1):
+                    _, d1, d2, o1, o2 = merged
+                    mOut[batch_idx, cta_head * group + idx // D, idx % D] = _finalize(
+                        d1, d2, o1, o2).to(self.dtype)
+                else:
+                    owner = idx // slice_size
+                    slot = sMerge.iterator + split * 5 * slice_size + idx % slice_size
+                    for f in cutlass.range_constexpr(5):
+                        cute.arch.store_async_dsmem(slot + f * slice_size,
+                                                    merged[f].bitcast(Int32), merge_barrier, owner)
+
+    @cute.jit
+    def merge_splits(self, sMerge: cute.Tensor, merge_barrier, mOut: cute.Tensor, split: Int32,
+                     cta_head: Int32, batch_idx: Int32, tidx: Int32):
+        """Merge this split's slice over the splits once their pushes have landed: `lanes` lanes
+        per element, a lane per split, combined by butterfly shuffles."""
+        D, group, slice_size = self.head_dim, self.group, self.slice_size
+        num_splits = self.num_splits
+        lanes = 1 << (num_splits - 1).bit_length()  # splits, to a power of 2
+        per_pass = WARPGROUP_THREADS * self.warpgroups // lanes
+        source = tidx % lanes
+        cute.arch.mbarrier_wait(merge_barrier, 0)
+        for j in cutlass.range_constexpr((slice_size + per_pass - 1) // per_pass):
+            position = j * per_pass + tidx // lanes
+            offset = cutlass.min(position, slice_size - 1)  # in bounds for the idle lanes
+            idx = split * slice_size + offset
+            m, d1, d2, o1, o2 = _EMPTY_STATE
+            if source < num_splits:
+                m, d1, d2, o1, o2 = (sMerge[source, f, offset] for f in range(5))
+            merged = (m, d1, d2, o1, o2)
+            for k in cutlass.range_constexpr(lanes.bit_length() - 1):
+                merged = _merge(merged, tuple(cute.arch.shuffle_sync_bfly(x, offset=1 << k)
+                                              for x in merged))
+            if (position < slice_size) & (idx < group * D) & (source == 0):
+                _, d1, d2, o1, o2 = merged
+                mOut[batch_idx, cta_head * group + idx // D, idx % D] = _finalize(
+                    d1, d2, o1, o2).to(self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,11 +600,11 @@ def _mn_view(acc):
 
 @cute.jit
 def _warpgroup_state(o_ptr: cute.Pointer, stat_ptr: cute.Pointer, head: Int32, col: Int32,
-                   row_stride: cutlass.Constexpr, lo_offset: cutlass.Constexpr):
-    """One warpgroup's (m, d1, d2, O1, O2) of (head, column) from shared memory: O^T is (D, NO)
-    fp32 with column stride
-    `row_stride`, P's 16-bit part of head h in column 8 (h // 4) + 2 (h % 4) (P*U's next to it)
-    and the remainders `lo_offset` columns on; stat is (STAT_ROWS, 8)."""
+                     row_stride: cutlass.Constexpr, lo_offset: cutlass.Constexpr):
+    """One warpgroup's (m, d1, d2, O1, O2) of (head, column) from shared memory: O^T is
+    (D, out cols) fp32 with column stride `row_stride`, P's 16-bit part of head h in column
+    8 (h // 4) + 2 (h % 4) (P*U's next to it) and the remainders `lo_offset` columns on; stat is
+    (STAT_ROWS, MAX_GROUP)."""
     def o(c):
         return (o_ptr + c * row_stride + col).load()
 
@@ -565,17 +647,6 @@ def _finalize(d1: Float32, d2: Float32, o1: Float32, o2: Float32):
 _compiled = {}
 
 
-def num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_num_splits(ctas, rows, device):
-    """Splits of each of the `ctas` (row, KV head or pair) units whose caches hold `rows` K/V
-    rows: about one CTA per SM, no more splits than tiles and than a portable cluster holds; a
-    function of the shape class only, never of the lengths."""
-    return max(1, min(num_sms(device) // ctas, -(-rows // TILE_ROWS), MAX_SPLITS))
-
-
 def choose_warpgroups(ctas, device):
     """Two warpgroups per CTA (one CTA per SM) unless the `ctas` CTAs of a split outnumber the
     SMs: then one, so that several CTAs share an SM and every CTA is resident from the start."""
@@ -585,13 +656,24 @@ def choose_warpgroups(ctas, device):
 def choose_pairing(batch, kv_heads, group, device):
     """Pair adjacent KV heads in one CTA where decode streams the cache from DRAM: one q head per
     KV head, with more (row, KV head) pairs than SMs, and enough that the pairs' CTAs still
-    cover two thirds of the SMs. Measured with 8 KV heads at L = 16384: batch 32 paired 0.9%
-    faster on the H200 and 0.1-1% on H100s, batch 24 0-0.6% on the H200; batch 20 (80 paired
-    CTAs) no faster on the H200, and 2% slower on the H100 with one warpgroup per CTA. With
-    grouped queries pairing did not pay on the H200 (2 q heads per KV head: 0.8% slower; 4:
-    1.8% slower at L = 4096, 1-1.7% faster at 16384), so it is left to the `paired` override
-    (even KV head count, at most 4 q heads per KV head)."""
+    cover two thirds of the SMs (the thresholds and their timings: README). With grouped
+    queries pairing did not pay, so it is left to the `paired` override (even KV head count,
+    at most 4 q heads per KV head)."""
     return group == 1 and kv_heads % 2 == 0 and 3 * batch * kv_heads >= 4 * num_sms(device)
+
+
+def check_inputs(q, k_cache, v_cache):
+    """What the kernel needs of inputs that passed parallax_decode's checks: a supported head
+    ratio and TMA-ready caches (16-byte aligned, strides multiples of 8 elements); ValueError
+    naming the argument."""
+    group = q.shape[2] // k_cache.shape[2]
+    if group not in SUPPORTED_GROUPS:
+        raise ValueError(f"head ratio Hq/Hkv = {group} is not supported by the CuTe DSL decode "
+                         f"kernel; supported: {SUPPORTED_GROUPS}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1]):
+            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 "
+                             f"elements for the CuTe DSL kernel, got strides {x.stride()}")
 
 
 def _ptr(t, dtype, align):
@@ -616,7 +698,7 @@ def parallax_decode_cute(q, r, k_cache, v_cache, cache_seqlens, window, scale, o
                          f"{MAX_GROUP // 2} q heads per KV head, got {Hkv} and {group}")
     kv_per_cta = 2 if paired else 1
     ctas = B * Hkv // kv_per_cta  # of one split
-    splits = num_splits or choose_num_splits(ctas, Lmax * kv_per_cta, device)
+    splits = num_splits or choose_num_splits(ctas, Lmax * kv_per_cta, TILE_ROWS, device, MAX_SPLITS)
     warpgroups = warpgroups or choose_warpgroups(ctas, device)
     dtype = _TORCH_TO_CUTE[q.dtype]
     elem = q.element_size()

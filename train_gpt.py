@@ -3,7 +3,6 @@
     ./run.sh                                        # every GPU of this node, through torchrun
     SMOKE=1 python train_gpt.py                     # tiny CPU check (on the shards TRAIN_FILES names)
     python train_gpt.py sample --checkpoint checkpoints/<run-id>/state_step001385.pt --prompt "The"
-    python train_gpt.py bench-sample                # decode tokens/s of the speedrun-size model
 
 The architecture is the FlexAttention era of modded-nanoGPT (records of January 2025): RMS norms
 without gains, half-truncated rotary embeddings, QK-norm, ReLU^2 MLP, value embeddings on the first
@@ -24,8 +23,8 @@ records' 8-GPU configuration). Each of W ranks (W divides micro_batches) runs mi
 micro-batches per step and accumulates gradients, so 1, 2, 4 or 8 GPUs train the same tokens in the
 same order.
 
-Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of train_gpt.py,
-parallax_kernels.py and muon.py, versions and GPU, then `step:N/T val_loss:X train_time:Yms
+Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of this file and of the
+modules it trains with (LOGGED_SOURCES), versions and GPU, then `step:N/T val_loss:X train_time:Yms
 step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory, or with a `stopped:`
 line) and checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0). A
 run name that already has a log or checkpoints is refused unless OVERWRITE=1. The run stops (exit 1)
@@ -54,14 +53,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import metadata
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import parallax_kernels
+from gpt2_data import BOS, DATA_HINT, GPT2_VOCAB, HEADER_BYTES, load_gpt2_encoding, read_shard_header
+from parallax_kernels import document_ids, parallax_attn, parallax_decode, parallax_reference, visible
+from safeguards import (InterruptRequests, check_for_misspelled_settings, cpu_copy, describe_payload, divergence,
+                        first_few, sampling_arguments_problem, state_dict_mismatch)
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -71,7 +72,7 @@ import parallax_kernels
 class Hyperparameters:
     run_name: str = ""  # names logs/<run-id>.txt, checkpoints/<run-id>/; default <attention>-<hex>, or RESUME's run
     seed: int = 0  # model initialization (the data order is fixed)
-    # data: modded-nanoGPT shards (see load_shard)
+    # data: modded-nanoGPT shards (see gpt2_data.py)
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     val_tokens: int = 10_485_760  # fixed for comparable val losses; a multiple of world_size * seq_len
@@ -89,6 +90,16 @@ class Hyperparameters:
     num_value_embeds: int = 3  # value embeddings shared by the first and the last layers
     logit_cap: float = 15.0  # logits = cap * tanh(logits / cap)
     attn_scale: float = 0.12  # multiplies q.k (r.k is not scaled); the records' value for QK-normed heads
+    # Parallax's probe r = gain * rotary(norm(W_r x)). "head": a learnable scalar per head, from 0, so that
+    # training starts exactly at softmax attention; "channel": one per head and channel; "none": no gain
+    # (the paper authors' r, the model of the 2026-11-22 records). Evidence for "head" at 0 with these rates:
+    # records/2026-11-30_parallax-r-study/ (best of 9 variants; -0.044 nats against softmax on fresh seeds).
+    r_gain: str = "head"
+    r_gain_init: float = 0.0
+    r_gain_lr: float = 0.04  # Adam learning rate of the gain
+    r_lr_mult: float = 1.0  # multiplies W_r's learning rate (Muon's, or AdamW's under optimizer="adamw")
+    r_norm: bool = True  # RMS-norm W_r x (like q and k)
+    r_rotary: bool = True  # rotate r with q's rotary embedding
     window_schedule: tuple = (384, 896, 1408, 1792)  # long window per quarter of training; short = long // 2
     # optimization
     optimizer: str = "muon"  # "muon": hidden matrices under Muon; "adamw": under AdamW at adamw_lr
@@ -123,7 +134,7 @@ SMOKE_CONFIG = dict(
 
 def hyperparameters_from_env(environ) -> Hyperparameters:
     """The defaults, then SMOKE=1's configuration, then one override per upper-case field name set."""
-    check_for_misspelled_settings(environ)
+    check_for_misspelled_settings(environ, [field.name.upper() for field in fields(Hyperparameters)])
     hp = Hyperparameters()
     if "SMOKE" in environ and _parse_env("SMOKE", environ["SMOKE"], False):
         hp = replace(hp, **SMOKE_CONFIG)
@@ -133,30 +144,6 @@ def hyperparameters_from_env(environ) -> Hyperparameters:
         if name in environ and name != "SMOKE":
             overrides[field.name] = _parse_env(name, environ[name], getattr(hp, field.name))
     return replace(hp, **overrides)
-
-
-def check_for_misspelled_settings(environ):
-    """A setting whose name is one typo away from a field's is an error, not silently ignored; other
-    variables (PATH, HOME, ...) are not within one edit of any field name."""
-    names = [field.name.upper() for field in fields(Hyperparameters)]
-    for variable in sorted(environ):
-        if variable in names or not variable.isupper():
-            continue
-        near = [name for name in names if one_edit_apart(variable, name)]
-        if near:
-            raise ValueError(f"unknown setting {variable}={environ[variable]!r}; did you mean {near[0]}?")
-
-
-def one_edit_apart(a: str, b: str) -> bool:
-    """True when a and b differ by one inserted, deleted or replaced character, or two swapped neighbours."""
-    if a == b or abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) > len(b):
-        a, b = b, a
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    if len(a) < len(b):
-        return a[i:] == b[i + 1:]
-    return a[i + 1:] == b[i + 1:] or (a[i:i + 2] == b[i:i + 2][::-1] and a[i + 2:] == b[i + 2:])
 
 
 def _parse_env(name, text, default):
@@ -176,6 +163,8 @@ def _parse_env(name, text, default):
 def check_hyperparameters(hp: Hyperparameters, world_size: int):
     if hp.attention not in ("parallax", "softmax"):
         raise ValueError(f"attention must be 'parallax' or 'softmax', got {hp.attention!r}")
+    if hp.r_gain not in ("none", "head", "channel"):
+        raise ValueError(f"r_gain must be 'none', 'head' or 'channel', got {hp.r_gain!r}")
     if hp.optimizer not in ("muon", "adamw"):
         raise ValueError(f"optimizer must be 'muon' or 'adamw', got {hp.optimizer!r}")
     if hp.micro_batches % world_size:
@@ -199,44 +188,10 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int):
 # ----------------------------------------------------------------------------------------------
 # Data: shards and the distributed loader
 
-BOS = 50256  # GPT-2's <|endoftext|>: every document starts with it
-GPT2_VOCAB = 50257
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_BYTES = 256 * 4
-DATA_HINT = ("fetch FineWeb with `python data/cached_fineweb10B.py`, or point TRAIN_FILES / VAL_FILES "
-             "at your shards")
-
-
-def read_shard_header(path) -> int:
-    """Check a shard's header against its size; return its token count (ValueError naming the problem).
-    data/cached_fineweb10B.py's read_header checks the same format for the data scripts: this file keeps
-    its own copy so that it, and the code its logs carry, stand alone."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such shard; {DATA_HINT}") from None
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=3)
-    if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: wrong version {header[1]} (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size < expected:
-        raise ValueError(f"{path}: truncated: {size} bytes, but the header announces {num_tokens} tokens "
-                         f"({expected} bytes)")
-    if size > expected:
-        raise ValueError(f"{path}: {size - expected} trailing bytes after the {num_tokens} tokens its header "
-                         "announces")
-    return num_tokens
-
 
 def load_shard(path, pin_memory=False, vocab_size: int | None = None) -> Tensor:
-    """The uint16 tokens of one shard (256 int32 of header: magic, version, token count; then tokens);
-    with vocab_size, every token id must be below it (an embedding lookup would fail mid-run)."""
+    """The uint16 tokens of one shard (format: gpt2_data.py); with vocab_size, every token id must be
+    below it (an embedding lookup would fail mid-run)."""
     num_tokens = read_shard_header(path)
     tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
     target = memoryview(tokens.numpy()).cast("B")  # read straight into the (pinned) tensor
@@ -374,16 +329,10 @@ def check_enough_tokens(pattern: str, needed: int, what: str):
 FLEX_BLOCK = 128  # FlexAttention's block size; training sequences are multiples of it
 
 
-def document_ids(cu_seqlens: Tensor, T: int) -> Tensor:
-    positions = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens, positions, right=True) - 1
-
-
 def dense_visibility(doc_ids: Tensor, window: int) -> Tensor:
-    """(T, T) bool: query i sees key j when j <= i, i - j < window and both are in one document."""
+    """(T, T) bool: which key each query sees (parallax_kernels.visible)."""
     i = torch.arange(doc_ids.numel(), device=doc_ids.device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window) & (doc_ids[:, None] == doc_ids[None, :])
+    return visible(i[:, None], i[None, :], window, doc_ids)
 
 
 def flex_block_mask(doc_ids: Tensor, window: int) -> BlockMask:
@@ -401,11 +350,11 @@ def flex_block_mask(doc_ids: Tensor, window: int) -> BlockMask:
     all_visible = (offset > 0) & (offset + FLEX_BLOCK - 1 < window) & (q_first == q_last) & (q_last == k_first) \
         & (k_first == k_last)
 
-    def visible(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (doc_ids[q_idx] == doc_ids[kv_idx])
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(q_idx, kv_idx, window, doc_ids)
 
     return BlockMask.from_kv_blocks(*_block_lists(some_visible & ~all_visible), *_block_lists(all_visible),
-                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible)
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
 
 
 def _block_lists(mask: Tensor):
@@ -419,7 +368,7 @@ def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, 
                      doc_ids: Tensor | None = None):
     """attend(layer, q, r, k, v) -> (1, T, H, D) for documents packed with cu_seqlens (B = 1).
 
-    Parallax: the Triton kernel on CUDA, the fp32 reference on the CPU. Softmax (r is None):
+    Parallax: the Triton kernel on CUDA, the fp32 reference on the CPU. Softmax:
     FlexAttention with the document + window block mask when use_flex (CUDA, compiled), else SDPA
     with a dense (T, T) boolean mask (eager runs; T^2 bytes per window size). windows[layer] is the
     number of visible keys, the diagonal included. doc_ids (document_ids of cu_seqlens) may be given:
@@ -428,12 +377,11 @@ def packed_attention(parallax: bool, cu_seqlens: Tensor, T: int, windows: list, 
     if parallax:
         if cu_seqlens.is_cuda:
             def attend(layer, q, r, k, v):
-                return parallax_kernels.parallax_attn(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
-                                                      scale=scale)
+                return parallax_attn(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer], scale=scale)
         else:
             def attend(layer, q, r, k, v):
-                return parallax_kernels.parallax_reference(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
-                                                           scale=scale).type_as(q)
+                return parallax_reference(q, r, k, v, cu_seqlens=cu_seqlens, window=windows[layer],
+                                          scale=scale).type_as(q)
         return attend
 
     if doc_ids is None:
@@ -472,6 +420,16 @@ class GPTConfig:
     logit_cap: float
     attn_scale: float
     final_window: int  # the long window at the end of training, used when sampling
+    # r's parameterization (Hyperparameters.r_*); the defaults rebuild checkpoints written before it existed
+    r_gain: str = "none"
+    r_gain_init: float = 0.0
+    r_norm: bool = True
+    r_rotary: bool = True
+
+    @property
+    def parallax(self) -> bool:
+        """The attention switch: Parallax, or softmax (no r)."""
+        return self.attention == "parallax"
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -479,7 +437,8 @@ def model_config(hp: Hyperparameters) -> GPTConfig:
     if hp.attention == "parallax" and hp.param_matched:
         mlp_hidden -= hp.num_heads * hp.head_dim // 2  # 2 * dim * (hdim / 2) = r's dim * hdim weights
     return GPTConfig(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, mlp_hidden,
-                     hp.attention, hp.num_value_embeds, hp.logit_cap, hp.attn_scale, hp.window_schedule[-1])
+                     hp.attention, hp.num_value_embeds, hp.logit_cap, hp.attn_scale, hp.window_schedule[-1],
+                     hp.r_gain, hp.r_gain_init, hp.r_norm, hp.r_rotary)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -528,16 +487,31 @@ class CausalSelfAttention(nn.Module):
         self.q = CastedLinear(config.model_dim, hdim)
         self.k = CastedLinear(config.model_dim, hdim)
         self.v = CastedLinear(config.model_dim, hdim)
-        self.r = CastedLinear(config.model_dim, hdim) if config.attention == "parallax" else None
+        self.r = self.r_gain = None
+        if config.parallax:
+            self.r = CastedLinear(config.model_dim, hdim)
+            self.r_norm, self.r_rotary = config.r_norm, config.r_rotary
+            gain_shape = {"head": (config.num_heads, 1), "channel": (config.num_heads, config.head_dim)}
+            if config.r_gain in gain_shape:
+                self.r_gain = nn.Parameter(torch.full(gain_shape[config.r_gain], config.r_gain_init))
         self.c_proj = CastedLinear(hdim, config.model_dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+
+    def probe(self, x: Tensor, shape, rope) -> Tensor:
+        """Parallax's r: u = r.k is not scaled, so r's size sets how far the output moves from softmax's."""
+        r = self.r(x).view(shape)
+        if self.r_norm:
+            r = norm(r)
+        if self.r_rotary:
+            r = apply_rotary(r, rope)
+        return r if self.r_gain is None else self.r_gain.type_as(r) * r
 
     def forward(self, x: Tensor, ve: Tensor | None, rope, attend) -> Tensor:
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = apply_rotary(norm(self.q(x).view(shape)), rope)
         k = apply_rotary(norm(self.k(x).view(shape)), rope)
-        r = apply_rotary(norm(self.r(x).view(shape)), rope) if self.r is not None else None
+        r = self.probe(x, shape, rope) if self.r is not None else None
         v = self.lambdas[0] * self.v(x).view(shape)
         if ve is not None:
             v = v + self.lambdas[1] * ve.view(shape)
@@ -578,7 +552,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(config.num_layers // 2))  # U-net: encoder i -> decoder L-1-i
         self.lm_head = CastedLinear(config.model_dim, config.vocab_size, zero_init=True)
-        self.set_window(config.final_window)
 
     def embeddings_to(self, dtype: torch.dtype) -> "GPT":
         """Activations in dtype from the embeddings on; the linear weights stay fp32 for the optimizers."""
@@ -586,12 +559,15 @@ class GPT(nn.Module):
         self.value_embeds.to(dtype)
         return self
 
-    def set_window(self, long_window: int):
+    def layer_windows(self, long_window: int | None = None) -> list:
         """Per-layer windows, a Python int each (torch.compile specializes on them): long on every 4th layer
-        counted from the outside in (records: L S S S L S | S L S S S L), half as long elsewhere."""
+        counted from the outside in (records: L S S S L S | S L S S S L), half as long elsewhere. The
+        default long window is the last one of training."""
+        if long_window is None:
+            long_window = self.config.final_window
         L = self.config.num_layers
         short_window = max(1, long_window // 2)
-        self.layer_windows = [long_window if min(i, L - 1 - i) % 4 == 0 else short_window for i in range(L)]
+        return [long_window if min(i, L - 1 - i) % 4 == 0 else short_window for i in range(L)]
 
     def hidden_states(self, tokens: Tensor, positions: Tensor, attend) -> Tensor:
         """The trunk: tokens (B, T) at positions (T,) or (B, T) -> final-normed states (B, T, model_dim)."""
@@ -614,15 +590,16 @@ class GPT(nn.Module):
         return self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, *, cu_seqlens: Tensor,
-                doc_ids: Tensor | None = None):
+                window: int | None = None, doc_ids: Tensor | None = None):
         """Packed documents input_seq (T,) with boundaries cu_seqlens -> mean cross-entropy against
-        target_seq, or the (T, vocab) logits when no targets are given. doc_ids: document_ids(cu_seqlens,
-        T), which a compiled softmax model needs as an input (see packed_attention)."""
+        target_seq, or the (T, vocab) logits when no targets are given. window: the long window (see
+        layer_windows; default the last of training). doc_ids: document_ids(cu_seqlens, T), which a
+        compiled softmax model needs as an input (see packed_attention)."""
         T = input_seq.numel()
         positions = torch.arange(T, device=input_seq.device)
         # FlexAttention only when compiled: eager flex materializes every (T, T) score matrix.
         use_flex = input_seq.is_cuda and T % FLEX_BLOCK == 0 and torch.compiler.is_compiling()
-        attend = packed_attention(self.config.attention == "parallax", cu_seqlens, T, self.layer_windows,
+        attend = packed_attention(self.config.parallax, cu_seqlens, T, self.layer_windows(window),
                                   self.config.attn_scale, use_flex=use_flex, doc_ids=doc_ids)
         logits = self.logits(self.hidden_states(input_seq[None], positions, attend)[0])
         if target_seq is None:
@@ -642,7 +619,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int, training_state: dict | None = None):
     """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True.
-    training_state (optimizer states and the like, see _train) makes it resumable. Temporary files that
+    training_state (optimizer states and the like, see Trainer.save) makes it resumable. Temporary files that
     an interrupted write left in the folder are removed first."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -670,7 +647,7 @@ def load_checkpoint(path: str) -> tuple:
     except Exception as err:
         raise CheckpointError(f"{path}: not a checkpoint torch can load ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload)}")
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload, CHECKPOINT_KIND)}")
     try:
         model = GPT(GPTConfig(**payload["model_config"]))
     except TypeError as err:
@@ -701,64 +678,6 @@ def load_resume_checkpoint(hp: Hyperparameters, world_size: int) -> dict:
         raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
                               "they were to resume")
     return payload
-
-
-def cpu_copy(tree):
-    """Tensors of a nested optimizer state dict moved to the CPU (gather_object and torch.save take them there)."""
-    if isinstance(tree, Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {key: cpu_copy(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(cpu_copy(value) for value in tree)
-    return tree
-
-
-def gather_optimizer_states(optimizers: list, muon, rank: int, world_size: int) -> list | None:
-    """Collective. On rank 0, per rank, the state dict of each optimizer (None on the other ranks).
-    Muon's momentum is split over the ranks (see muon.py), so every rank's Muon state is kept; the
-    other optimizers hold the same state on every rank and are kept from rank 0 only (None elsewhere)."""
-    local = [cpu_copy(optimizer.state_dict()) if optimizer is muon or rank == 0 else None for optimizer in optimizers]
-    if world_size == 1:
-        return [local]
-    gathered = [None] * world_size if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0)
-    return gathered
-
-
-def restore_optimizers(optimizers: list, muon, states: list, rank: int):
-    for i, optimizer in enumerate(optimizers):
-        optimizer.load_state_dict(states[rank if optimizer is muon else 0][i])
-
-
-def describe_payload(payload) -> str:
-    """What a file that is not one of our checkpoints holds instead, in a few words."""
-    if not isinstance(payload, dict):
-        return f"it holds a {type(payload).__name__}"
-    if "kind" in payload:
-        return f"its kind is {payload['kind']!r}, this script reads {CHECKPOINT_KIND!r}"
-    keys = first_few([repr(key) for key in payload])
-    if payload and all(isinstance(value, Tensor) for value in payload.values()):
-        return (f"a bare state dict of {len(payload)} tensors ({keys}), without the model config and kind "
-                "a checkpoint carries")
-    return f"a dict with keys {keys}, without the 'kind' and 'model_config' a checkpoint carries"
-
-
-def state_dict_mismatch(model: nn.Module, state: dict) -> str:
-    """The keys and shapes where state differs from model's parameters and buffers ("" when it fits)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    given = {name: tuple(t.shape) for name, t in state.items()}
-    differences = {
-        "missing": [name for name in expected if name not in given],
-        "unexpected": [name for name in given if name not in expected],
-        "shapes differ:": [f"{name} {given[name]} (model {shape})" for name, shape in expected.items()
-                           if name in given and given[name] != shape],
-    }
-    return "; ".join(f"{what} {first_few(items)}" for what, items in differences.items() if items)
-
-
-def first_few(items: list, n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,10 +722,15 @@ def environment_report() -> str:
     return "\n".join(lines)
 
 
+# The code a training run executes: this file and the project modules it trains with.
+LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
+                  "parallax_reference.py", "muon.py", "safeguards.py")
+
+
 def write_log_header(log: RunLog, hp: Hyperparameters):
     log.write("hyperparameters: " + json.dumps(asdict(hp)))
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("train_gpt.py", "parallax_kernels.py", "muon.py"):
+    for name in LOGGED_SOURCES:
         log.write(f"==== {name} ====")
         path = os.path.join(here, name)
         log.write(open(path).read() if os.path.exists(path) else "(missing)")
@@ -819,21 +743,38 @@ def make_optimizers(model: GPT, hp: Hyperparameters, device: torch.device):
     """Returns (optimizers, the params whose gradients the loop averages across ranks, the Muon or None).
 
     Muon averages its own parameters' gradients; under optimizer="adamw" the hidden matrices go to
-    torch.optim.AdamW at adamw_lr with the Adam groups' betas and eps, everything else unchanged."""
+    torch.optim.AdamW at adamw_lr with the Adam groups' betas and eps, everything else unchanged.
+    Parallax's r gains get an Adam group at r_gain_lr, and W_r its matrix optimizer's rate x r_lr_mult."""
     from muon import build_optimizers
 
     adam, muon = build_optimizers(model, muon_lr=hp.muon_lr, embed_lr=hp.embed_lr, head_lr=hp.head_lr,
                                   scalar_lr=hp.scalar_lr, muon_momentum=hp.muon_momentum,
                                   weight_decay=hp.weight_decay)
+    attentions = [block.attn for block in model.blocks]
+    r_gains = [attn.r_gain for attn in attentions if attn.r_gain is not None]
+    r_weights = [attn.r.weight for attn in attentions if attn.r is not None]
+    regroup(adam, r_gains, hp.r_gain_lr)
     adam_params = [p for group in adam.param_groups for p in group["params"]]
     if hp.optimizer == "muon":
+        regroup(muon, r_weights, hp.muon_lr * hp.r_lr_mult)
         return [adam, muon], adam_params, muon
     matrices = [p for group in muon.param_groups for p in group["params"]]
     adamw = torch.optim.AdamW(matrices, lr=hp.adamw_lr, betas=adam.defaults["betas"], eps=adam.defaults["eps"],
                               weight_decay=hp.weight_decay, fused=device.type == "cuda")
-    for group in adamw.param_groups:
-        group["initial_lr"] = hp.adamw_lr
+    adamw.param_groups[0]["initial_lr"] = hp.adamw_lr
+    regroup(adamw, r_weights, hp.adamw_lr * hp.r_lr_mult)
     return [adam, adamw], adam_params + matrices, None
+
+
+def regroup(optimizer: torch.optim.Optimizer, params: list, lr: float):
+    """Move params (not stepped yet) out of their groups into one of their own at lr; no-op for none."""
+    if not params:
+        return
+    moved = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in moved]
+    optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+    optimizer.add_param_group(dict(params=list(params), lr=lr, initial_lr=lr))
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:
@@ -863,9 +804,12 @@ def all_reduce_mean_(tensors: list, world_size: int):
         t.div_(world_size)
 
 
-def allow_recompiles():
-    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8."""
+def configure_compile():
+    """torch.compile keeps one graph per window stage, grad mode and batch shape: more than its default 8.
+    The window reaches GPT.forward as a Python int: specialize on it (a graph per window stage, windows
+    stay ints for the kernels) instead of turning it symbolic once it changes."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.specialize_int = True
 
 
 def synchronize(device: torch.device):
@@ -924,54 +868,6 @@ def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> Run
     return log
 
 
-INTERRUPT_CHECK_EVERY = 10  # steps between the ranks' agreement on an interrupt (a single rank checks every step)
-
-
-class InterruptRequests:
-    """While training, SIGINT and SIGTERM only set a flag, and the loop checkpoints and stops at a step
-    boundary where the ranks agree. A second signal changes nothing (torchrun follows a Ctrl-C with
-    SIGTERM). Several ranks all-reduce the flag every INTERRUPT_CHECK_EVERY steps, so no step waits on
-    the host for it."""
-
-    def __init__(self, world_size: int, device: torch.device):
-        self.world_size, self.device = world_size, device
-        self.received = 0  # the first signal's number
-
-    def __enter__(self):
-        self.previous = {number: signal.signal(number, self._receive) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exception):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def _receive(self, number, frame):
-        self.received = self.received or number
-
-    def agreed(self, step: int) -> int:
-        """The number of a signal some rank received, at a boundary where the ranks compare (0: none)."""
-        if self.world_size == 1:
-            return self.received
-        if step % INTERRUPT_CHECK_EVERY:
-            return 0
-        flag = torch.tensor(self.received, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-
-DIVERGENCE_GRACE = 0.1  # the fraction of training after which a val loss no better than the untrained one stops it
-
-
-def divergence(step: int, val_loss: float, untrained_val_loss: float, hp: Hyperparameters) -> str | None:
-    """Why this validation stops the run, or None. Huge learning rates need not give a NaN: they can
-    leave the model predicting the uniform distribution, the untrained model's loss, for good."""
-    if not math.isfinite(val_loss):
-        return "is not finite"
-    if step > 0 and step >= DIVERGENCE_GRACE * hp.num_iterations and val_loss >= untrained_val_loss:
-        return f"is no better than the untrained model's {untrained_val_loss:.4f}"
-    return None
-
-
 def skip_batches(batches, count: int):
     """Consume count batches: the loader is deterministic, so a resumed run's data position is its step."""
     for _ in itertools.islice(batches, count):
@@ -1007,98 +903,170 @@ def train(hp: Hyperparameters) -> int:
             dist.destroy_process_group()
 
 
-def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog, resumed: dict | None,
-           interrupts: InterruptRequests) -> int:
-    master = rank == 0
-    grad_accum = hp.micro_batches // world_size
+class Trainer:
+    """One rank's model, compiled step and optimizers: a training step, validation, the warm-up, and the
+    checkpoints that resume them."""
 
-    torch.manual_seed(hp.seed)
-    model = GPT(model_config(hp)).to(device)
-    if device.type == "cuda":
-        model.embeddings_to(torch.bfloat16)
-    if world_size > 1:
-        for param in model.parameters():
-            dist.broadcast(param.detach(), 0)
-    counts = {"total": sum(p.numel() for p in model.parameters()),
-              "blocks": sum(p.numel() for p in model.blocks.parameters())}
-    log.write(f"model: {counts['total']:,} parameters ({counts['blocks']:,} in the blocks); {hp.attention} "
-              f"attention, MLP hidden {model.config.mlp_hidden}; {world_size} rank(s) x {grad_accum} micro-batches "
-              f"of {hp.seq_len} tokens per step; device {device}", echo=True)
-    optimizers, averaged_params, muon = make_optimizers(model, hp, device)
-    compiled = model
-    if device.type == "cuda" and hp.compile:
-        allow_recompiles()
-        compiled = torch.compile(model)
-    train_loader = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size,
-                                              max_doc_len=hp.max_doc_len, device=device, vocab_size=hp.vocab_size)
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+        self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
+        self.grad_accum = hp.micro_batches // world_size
+        torch.manual_seed(hp.seed)
+        self.model = GPT(model_config(hp)).to(device)
+        if device.type == "cuda":
+            self.model.embeddings_to(torch.bfloat16)
+        if world_size > 1:
+            for param in self.model.parameters():
+                dist.broadcast(param.detach(), 0)
+        self.optimizers, self.averaged_params, self.muon = make_optimizers(self.model, hp, device)
+        self.compiled = self.model
+        if device.type == "cuda" and hp.compile:
+            configure_compile()
+            self.compiled = torch.compile(self.model)
 
-    def run_model(batch: Batch) -> Tensor:
-        if compiled is not model:
+    def train_batches(self):
+        hp = self.hp
+        return distributed_data_generator(hp.train_files, hp.seq_len, self.rank, self.world_size,
+                                          max_doc_len=hp.max_doc_len, device=self.device, vocab_size=hp.vocab_size)
+
+    def loss(self, batch: Batch, step: int) -> Tensor:
+        if self.compiled is not self.model:
             torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)  # the number of documents changes every batch
         # Only softmax attention reads document ids (see packed_attention); Parallax takes cu_seqlens.
-        doc_ids = document_ids(batch.cu_seqlens, batch.inputs.numel()) if hp.attention == "softmax" else None
-        return compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens, doc_ids=doc_ids)
+        doc_ids = None if self.model.config.parallax else document_ids(batch.cu_seqlens, batch.inputs.numel())
+        return self.compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens,
+                             window=window_at(step, self.hp), doc_ids=doc_ids)
 
-    def train_step(step: int, batches) -> float:
+    def train_step(self, step: int, batches) -> float:
         """One optimizer step; returns the loss averaged over the global batch. When it is not finite,
         nothing is updated (Muon would refuse the gradients anyway)."""
-        model.set_window(window_at(step, hp))
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            loss = run_model(next(batches))
-            (loss / grad_accum).backward()
+        hp, model = self.hp, self.model
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            loss = self.loss(next(batches), step)
+            (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
-        mean_loss = loss_sum / grad_accum
-        all_reduce_mean_([mean_loss] + [p.grad for p in averaged_params if p.grad is not None], world_size)
+        mean_loss = loss_sum / self.grad_accum
+        all_reduce_mean_([mean_loss] + [p.grad for p in self.averaged_params if p.grad is not None],
+                         self.world_size)
         if not math.isfinite(mean_loss := mean_loss.item()):
             model.zero_grad(set_to_none=True)
             return mean_loss
         multiplier = lr_multiplier(step, hp)
-        for optimizer in optimizers:
+        for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
-        if muon is not None:
+        if self.muon is not None:
             warmup = min(step / hp.muon_momentum_warmup_steps, 1) if hp.muon_momentum_warmup_steps else 1
-            for group in muon.param_groups:
+            for group in self.muon.param_groups:
                 group["momentum"] = (1 - warmup) * hp.muon_momentum_start + warmup * hp.muon_momentum
-        for optimizer in optimizers:
+        for optimizer in self.optimizers:
             optimizer.step()
         model.zero_grad(set_to_none=True)
         return mean_loss
 
     @torch.no_grad()
-    def evaluate(step: int, max_batches=None) -> float:
-        model.set_window(window_at(step, hp))
-        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, rank, world_size, device=device,
-                                     vocab_size=hp.vocab_size)
-        losses = [run_model(batch) for batch in itertools.islice(batches, max_batches)]
-        val_loss = torch.stack(losses).mean()
-        all_reduce_mean_([val_loss], world_size)
+    def evaluate(self, step: int, max_batches=None) -> float:
+        hp = self.hp
+        batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, self.rank, self.world_size,
+                                     device=self.device, vocab_size=hp.vocab_size)
+        val_loss = torch.stack([self.loss(batch, step) for batch in itertools.islice(batches, max_batches)]).mean()
+        all_reduce_mean_([val_loss], self.world_size)
         return val_loss.item()
 
-    if compiled is not model:
-        warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world_size, device, master)
-    if resumed is not None:  # after the warm-up, which restores the states it found
-        model.load_state_dict(resumed["model"])
-        restore_optimizers(optimizers, muon, resumed["optimizers"], rank)
-        skip_batches(train_loader, resumed["step"] * grad_accum)
-
-    def checkpoint_path(step: int) -> str:
-        return os.path.join(run_paths(hp.run_name)[1], f"state_step{step:06d}.pt")
-
-    def save(step: int) -> str:
-        """Collective (every rank's optimizer state); rank 0 writes the resumable checkpoint."""
-        states = gather_optimizer_states(optimizers, muon, rank, world_size)
-        path = checkpoint_path(step)
+    def warm_up(self, master: bool):
+        """Compile every graph the run will use (a training step and a validation batch per window stage)
+        on the first batches, outside the timed region; then restore the initial weights and optimizer
+        states, as the records do."""
+        initial_model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        initial_optimizers = [optimizer.state_dict() for optimizer in self.optimizers]
+        batches = self.train_batches()
+        first_batches = [next(batches) for _ in range(self.grad_accum)]
+        stage_steps = {}  # window -> the first step that uses it (validation at the last step included)
+        for step in range(self.hp.num_iterations + 1):
+            stage_steps.setdefault(window_at(step, self.hp), step)
+        start = time.perf_counter()
+        for i, (window, step) in enumerate(stage_steps.items()):
+            if master:
+                print(f"warm-up: window {window} ({i + 1}/{len(stage_steps)}), {time.perf_counter() - start:.0f}s "
+                      "so far", flush=True)
+            self.train_step(step, iter(first_batches))
+            self.evaluate(step, max_batches=1)
+        self.model.load_state_dict(initial_model)
+        for optimizer, state in zip(self.optimizers, initial_optimizers):
+            optimizer.load_state_dict(state)
+        synchronize(self.device)
         if master:
-            save_checkpoint(path, model, hp, step, dict(optimizers=states, untrained_val_loss=untrained_val_loss,
-                                                        train_time_ms=training_time_ms))
+            print(f"warm-up done in {time.perf_counter() - start:.0f}s", flush=True)
+
+    def optimizer_states(self) -> list | None:
+        """Collective. On rank 0, per rank, the state dict of each optimizer (None on the other ranks).
+        Muon's momentum is split over the ranks (see muon.py), so every rank's Muon state is kept; the
+        other optimizers hold the same state on every rank and are kept from rank 0 only (None elsewhere).
+        The r gains' and W_r's groups (see regroup) are ordinary groups of these state dicts, in an order
+        that make_optimizers builds the same way every time."""
+        local = [cpu_copy(optimizer.state_dict()) if optimizer is self.muon or self.rank == 0 else None
+                 for optimizer in self.optimizers]
+        if self.world_size == 1:
+            return [local]
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        return gathered
+
+    def save(self, step: int, **training_state) -> str:
+        """Collective: the resumable checkpoint of this step (the model, every rank's optimizer states and
+        training_state), written by rank 0; returns its path."""
+        states = self.optimizer_states()
+        path = checkpoint_path(self.hp, step)
+        if self.rank == 0:
+            save_checkpoint(path, self.model, self.hp, step, dict(optimizers=states, **training_state))
         return path
 
+    def restore(self, checkpoint: dict):
+        """The model and optimizer states of a checkpoint that save wrote (after the warm-up, which restores
+        the states it found)."""
+        self.model.load_state_dict(checkpoint["model"])
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer.load_state_dict(checkpoint["optimizers"][self.rank if optimizer is self.muon else 0][i])
+
+
+def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog, resumed: dict | None,
+           interrupts: InterruptRequests) -> int:
+    master = rank == 0
+    trainer = Trainer(hp, rank, world_size, device)
+    model = trainer.model
+    log.write(f"model: {sum(p.numel() for p in model.parameters()):,} parameters "
+              f"({sum(p.numel() for p in model.blocks.parameters()):,} in the blocks); {hp.attention} attention, "
+              f"MLP hidden {model.config.mlp_hidden}; {world_size} rank(s) x {trainer.grad_accum} micro-batches "
+              f"of {hp.seq_len} tokens per step; device {device}", echo=True)
+    if trainer.compiled is not model:
+        trainer.warm_up(master)
+    if resumed is not None:
+        trainer.restore(resumed)
+    status = training_loop(trainer, log, master, interrupts, resumed)
+    if status == 0:
+        allocated, reserved = peak_memory(device)
+        log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
+    return status
+
+
+def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: InterruptRequests | None = None,
+                  resumed: dict | None = None) -> int:
+    """Validate at step 0, every val_every steps and at the end, train num_iterations steps (from a
+    resumed checkpoint's step on), checkpoint every save_every and at the end; the clock (train_time)
+    stops for validation and checkpoints. 0 when done, 1 when the run diverged (see divergence) or the
+    loss is not finite, 128 + the signal's number when interrupted (after checkpointing the step)."""
+    hp, device = trainer.hp, trainer.device
+    batches = trainer.train_batches()
     start_step = resumed["step"] if resumed else 0
+    skip_batches(batches, start_step * trainer.grad_accum)  # the loader is deterministic
     untrained_val_loss = resumed["untrained_val_loss"] if resumed else None  # measured at step 0
-    last_checkpoint = last_good_checkpoint = hp.resume or None
     training_time_ms = resumed["train_time_ms"] if resumed else 0.0
+    last_checkpoint = last_good_checkpoint = hp.resume or None
+    no_checkpoint = "none saved (set SAVE_EVERY to keep some)"
+
+    def save(step: int) -> str:
+        return trainer.save(step, untrained_val_loss=untrained_val_loss, train_time_ms=training_time_ms)
+
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(start_step, hp.num_iterations + 1):
@@ -1106,31 +1074,32 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
         if last_step or step == 0 or (hp.val_every > 0 and step % hp.val_every == 0):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = evaluate(step)
+            val_loss = trainer.evaluate(step)
             log.write(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                       f"step_avg:{training_time_ms / max(step, 1):.2f}ms", echo=True)
             if step == 0:
                 untrained_val_loss = val_loss
-            if why := divergence(step, val_loss, untrained_val_loss, hp):
+            if why := divergence(step, val_loss, untrained_val_loss, hp.num_iterations):
                 log.write(f"stopped: step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} {why}: diverged. Last "
-                          f"good checkpoint: {last_good_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}",
-                          echo=True)
+                          f"good checkpoint: {last_good_checkpoint or no_checkpoint}", echo=True)
                 return 1
             last_good_checkpoint = last_checkpoint
             synchronize(device)
             t0 = time.perf_counter()
         if last_step:
-            break
+            path = save(step)
+            if master:
+                print(f"checkpoint: {path}", flush=True)
+            return 0
 
         try:
-            loss = train_step(step, train_loader)
+            loss = trainer.train_step(step, batches)
         except StopIteration:
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss):
-            message = (f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
-                       f"good checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}")
-            log.write(message, echo=True)
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
+                      f"good checkpoint: {last_checkpoint or no_checkpoint}", echo=True)
             return 1
         log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
@@ -1140,52 +1109,26 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
             training_time_ms += 1000 * (time.perf_counter() - t0)
             last_checkpoint = save(step + 1)
             t0 = time.perf_counter()
-        if step + 1 < hp.num_iterations and (signal_number := interrupts.agreed(step + 1)):
+        if step + 1 < hp.num_iterations and interrupts and (signal_number := interrupts.agreed(step + 1)):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            path = last_checkpoint if last_checkpoint == checkpoint_path(step + 1) else save(step + 1)
-            name = signal.Signals(signal_number).name
-            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} interrupted by {name}; saved {path}; continue "
-                      f"with RESUME={path}", echo=True)
+            path = last_checkpoint if last_checkpoint == checkpoint_path(hp, step + 1) else save(step + 1)
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} interrupted by "
+                      f"{signal.Signals(signal_number).name}; saved {path}; continue with RESUME={path}", echo=True)
             return 128 + signal_number
 
-    last_checkpoint = save(hp.num_iterations)
-    if master:
-        print(f"checkpoint: {last_checkpoint}", flush=True)
+
+def checkpoint_path(hp: Hyperparameters, step: int) -> str:
+    return os.path.join(run_paths(hp.run_name)[1], f"state_step{step:06d}.pt")
+
+
+def peak_memory(device: torch.device) -> tuple:
+    """(allocated, reserved) peak bytes: the CUDA allocator's, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
-        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    else:
-        import resource
-        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
-    log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
-    return 0
-
-
-def warm_up(model, optimizers, hp, train_step, evaluate, grad_accum, rank, world_size, device, master):
-    """Compile every graph the run will use (a training step and a validation batch per window stage)
-    on the first batches, outside the timed region; then restore the initial weights and optimizer
-    states, as the records do."""
-    initial_model = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    initial_optimizers = [optimizer.state_dict() for optimizer in optimizers]
-    batches = distributed_data_generator(hp.train_files, hp.seq_len, rank, world_size, max_doc_len=hp.max_doc_len,
-                                         device=device, vocab_size=hp.vocab_size)
-    first_batches = [next(batches) for _ in range(grad_accum)]
-    stage_steps = {}  # window -> the first step that uses it (validation at the last step included)
-    for step in range(hp.num_iterations + 1):
-        stage_steps.setdefault(window_at(step, hp), step)
-    start = time.perf_counter()
-    for i, (window, step) in enumerate(stage_steps.items()):
-        if master:
-            print(f"warm-up: window {window} ({i + 1}/{len(stage_steps)}), {time.perf_counter() - start:.0f}s so far",
-                  flush=True)
-        train_step(step, iter(first_batches))
-        evaluate(step, max_batches=1)
-    model.load_state_dict(initial_model)
-    for optimizer, state in zip(optimizers, initial_optimizers):
-        optimizer.load_state_dict(state)
-    synchronize(device)
-    if master:
-        print(f"warm-up done in {time.perf_counter() - start:.0f}s", flush=True)
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, peak
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1213,7 +1156,7 @@ def prefill(model: GPT, cache: KVCache, prompts: list) -> Tensor:
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device, torch.int32)
     positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
     rows = torch.repeat_interleave(cache.rows, lengths.to(device))
-    inner = packed_attention(model.config.attention == "parallax", cu_seqlens, tokens.numel(), model.layer_windows,
+    inner = packed_attention(model.config.parallax, cu_seqlens, tokens.numel(), model.layer_windows(),
                              model.config.attn_scale, use_flex=False)
 
     def attend(layer, q, r, k, v):
@@ -1226,80 +1169,77 @@ def prefill(model: GPT, cache: KVCache, prompts: list) -> Tensor:
     return model.logits(x[cu_seqlens[1:].long() - 1])
 
 
-def cached_attention(q, r, k_cache, v_cache, lengths, window: int, scale: float, decode_path: str):
+def cached_attention(parallax: bool, q, r, k_cache, v_cache, lengths, window: int, scale: float):
     """One new query per row (B, 1, H, D) over its row's cache; lengths (B,) counts the valid keys, the
-    new one included. Parallax through parallax_kernels.parallax_decode (decode_path="kernel") or the
-    fp32 reference row by row ("reference"); softmax (r is None) through SDPA with a length mask."""
-    if r is None:
-        key_pos = torch.arange(k_cache.size(1), device=q.device)
-        query_pos = (lengths - 1).long()[:, None]
-        visible = (key_pos <= query_pos) & (key_pos > query_pos - window)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                           attn_mask=visible[:, None, None, :], scale=scale)
-        return y.transpose(1, 2)
-    if decode_path == "reference":
-        decode = parallax_kernels.parallax_decode_reference
-    else:
-        decode = parallax_kernels.parallax_decode
-    return decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
+    new one included. Parallax through parallax_decode; softmax through SDPA with a length mask."""
+    if parallax:
+        return parallax_decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
+    key_pos = torch.arange(k_cache.size(1), device=q.device)
+    seen = visible((lengths - 1).long()[:, None], key_pos, window)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=seen[:, None, None, :], scale=scale)
+    return y.transpose(1, 2)
 
 
 @torch.compiler.disable  # eager inside a compiled step too: in-place cache writes, opaque kernels
-def store_and_attend(cache: KVCache, layer: int, positions, lengths, q, r, k, v, window: int, scale: float,
-                     decode_path: str):
+def store_and_attend(config: GPTConfig, cache: KVCache, layer: int, positions, lengths, q, r, k, v, window: int):
     cache.k[layer][cache.rows, positions] = k[:, 0]
     cache.v[layer][cache.rows, positions] = v[:, 0]
-    return cached_attention(q, r, cache.k[layer], cache.v[layer], lengths, window, scale, decode_path)
+    return cached_attention(config.parallax, q, r, cache.k[layer], cache.v[layer], lengths, window, config.attn_scale)
 
 
-def decode_step(model: GPT, cache: KVCache, tokens: Tensor, decode_path: str) -> Tensor:
+def decode_step(model: GPT, cache: KVCache, tokens: Tensor) -> Tensor:
     """Feed one token per row (B,), append its keys and values, advance the lengths; -> logits (B, vocab).
     Only in-place updates of preallocated tensors, so the whole step can be captured in a CUDA graph."""
     positions = cache.lengths.long()  # where the new token goes
     lengths = cache.lengths + 1
+    windows = model.layer_windows()
 
     def attend(layer, q, r, k, v):
-        return store_and_attend(cache, layer, positions, lengths, q, r, k, v, model.layer_windows[layer],
-                                model.config.attn_scale, decode_path)
+        return store_and_attend(model.config, cache, layer, positions, lengths, q, r, k, v, windows[layer])
 
     x = model.hidden_states(tokens[:, None], positions[:, None], attend)
     cache.lengths.copy_(lengths)
     return model.logits(x[:, 0])
 
 
+def capture_cuda_graph(fn, warmup_calls: int = 2):
+    """Run fn for real on a side stream first (compiling kernels, allocating workspaces), then capture
+    one call of it; -> (the graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 class DecodeStep:
     """decode_step, eager or replayed from a CUDA graph (static token buffer, cache lengths in place);
     with use_compile the step is torch.compiled first, fusing the small ops between the matmuls."""
 
-    def __init__(self, model, cache, decode_path="kernel", use_graph=False, use_compile=False):
+    def __init__(self, model, cache, use_graph=False, use_compile=False):
         self.args = (model, cache)
-        self.decode_path = decode_path
         self.step = decode_step
         if use_compile:
-            allow_recompiles()
+            configure_compile()
             self.step = torch.compile(decode_step, dynamic=False)
         self.graph = None
         if not use_graph:
             return
         if cache.lengths.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if decode_path == "reference":
-            raise ValueError("the reference decode path reads the lengths on the host: it cannot run in a CUDA graph")
         self.tokens = torch.zeros_like(cache.rows)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # run it for real first: compiles kernels, allocates workspaces
-            for _ in range(2):
-                self.step(model, cache, self.tokens, decode_path)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.lengths.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(model, cache, self.tokens, decode_path)
+        self.graph, self.logits = capture_cuda_graph(lambda: self.step(model, cache, self.tokens))
+        cache.lengths.zero_()  # the warm-up calls advanced them; the graph reads them at replay
 
     def __call__(self, tokens: Tensor) -> Tensor:
         if self.graph is None:
-            return self.step(*self.args, tokens, self.decode_path)
+            return self.step(*self.args, tokens)
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
@@ -1325,8 +1265,7 @@ class Generation(NamedTuple):
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0, top_k=None, seed=0,
-             stop_token: int | None = BOS, use_graph=False, use_compile=False, decode_path="kernel",
-             on_token=None) -> Generation:
+             stop_token: int | None = BOS, use_graph=False, use_compile=False, on_token=None) -> Generation:
     """Continue every prompt (lists of token ids, each starting with BOS) by up to max_new_tokens,
     stopping a row at stop_token. Rows keep their own cache lengths, so prompts may differ in length.
     on_token(row, token) is called for every new token as it is sampled."""
@@ -1337,7 +1276,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0,
     weight = model.lm_head.weight
     device = weight.device
     cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens, device, weight.dtype)
-    step = DecodeStep(model, cache, decode_path, use_graph, use_compile)  # captured before the prefill fills the cache
+    step = DecodeStep(model, cache, use_graph, use_compile)  # captured before the prefill fills the cache
     generator = torch.Generator(device).manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
@@ -1364,21 +1303,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0,
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: sample, bench-sample
-
-
-def load_gpt2_encoding(bpe_file=None):
-    """tiktoken's GPT-2 encoding (downloaded and cached by tiktoken once), or built offline from a local
-    GPT-2 ranks file in tiktoken's format."""
-    import tiktoken
-
-    if bpe_file is None:
-        return tiktoken.get_encoding("gpt2")
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer split
-
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=load_tiktoken_bpe(bpe_file),
-                             special_tokens={"<|endoftext|>": BOS})
+# Command line: train (no command) and sample
 
 
 class TextStream:
@@ -1448,55 +1373,6 @@ def sample_main(args) -> int:
     return 0
 
 
-def bench_sample_main(args) -> int:
-    device = inference_device()
-    if device.type != "cuda":
-        print("no CUDA device: timing the CPU path (no CUDA graphs)", file=sys.stderr)
-    try:
-        backend = parallax_kernels.decode_backend(device)
-    except (AttributeError, ImportError) as err:
-        backend = f"unavailable ({err})"
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; parallax decode backend: "
-          f"{backend}; prompt {args.prompt_len} tokens, {args.new_tokens} new")
-    print(f"{'attention':>9} {'batch':>5} {'graph':>5} {'compile':>7} {'prefill ms':>10} {'ms/step':>8} "
-          f"{'tokens/s':>9}")
-    generator = torch.Generator().manual_seed(0)
-    for attention in args.attention:
-        torch.manual_seed(0)
-        model = prepare_for_inference(GPT(model_config(Hyperparameters(attention=attention))), device)
-        with torch.no_grad():  # random weights everywhere, so no layer is skipped by a zero
-            for param in model.parameters():
-                if param.ndim == 2 and not param.abs().sum():
-                    param.normal_(0, 0.02)
-        for batch_size in args.batch_sizes:
-            prompts = [[BOS] + torch.randint(0, BOS, (args.prompt_len - 1,), generator=generator).tolist()
-                       for _ in range(batch_size)]
-            for use_graph in ([True, False] if device.type == "cuda" else [False]):
-                options = dict(temperature=0.8, top_k=50, stop_token=None, use_graph=use_graph,
-                               use_compile=args.compile)
-                generate(model, prompts, min(8, args.new_tokens), **options)  # compile and tune first
-                result = generate(model, prompts, args.new_tokens, **options)
-                steps = args.new_tokens - 1  # decode steps after the prefill's token
-                print(f"{attention:>9} {batch_size:>5} {'on' if use_graph else 'off':>5} "
-                      f"{'on' if args.compile else 'off':>7} {1000 * result.prefill_s:>10.1f} "
-                      f"{1000 * result.decode_s / max(steps, 1):>8.3f} "
-                      f"{batch_size * args.new_tokens / result.decode_s:>9.0f}", flush=True)
-    return 0
-
-
-def sampling_arguments_problem(args) -> str | None:
-    """What is wrong with the sample command's arguments, checked before the checkpoint loads; None if nothing."""
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        return "--num-samples and --max-new-tokens must be at least 1"
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        return f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
-    if args.top_k < 0:
-        return f"--top-k must be >= 0 (0: no top-k cut), got {args.top_k}"
-    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
-        return f"--prompts-file {args.prompts_file}: no such file"
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the Parallax speedrun GPT (no command; run it under torchrun, "
                                                  "settings through environment variables), or sample from it.")
@@ -1513,19 +1389,11 @@ def main(argv=None) -> int:
     sample.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     sample.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; faster)")
     sample.add_argument("--bpe-file", help="local GPT-2 ranks file in tiktoken's format, to work offline")
-    bench = commands.add_parser("bench-sample", help="decode tokens/s of the speedrun-size model, random weights")
-    bench.add_argument("--attention", nargs="+", default=["parallax", "softmax"], choices=["parallax", "softmax"])
-    bench.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    bench.add_argument("--prompt-len", type=int, default=512)
-    bench.add_argument("--new-tokens", type=int, default=256)
-    bench.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     args = parser.parse_args(argv)
     if args.command == "sample":
         if problem := sampling_arguments_problem(args):
             parser.error(problem)
         return sample_main(args)
-    if args.command == "bench-sample":
-        return bench_sample_main(args)
     try:
         return train(hyperparameters_from_env(os.environ))
     except (ValueError, FileNotFoundError) as err:  # settings and data: one line says it

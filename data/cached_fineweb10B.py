@@ -7,24 +7,18 @@ Shards land in data/fineweb10B/ next to this script (or --dir). A shard already 
 and size check out is skipped; a corrupt or incomplete one is removed and fetched again. An
 interrupted download resumes where it stopped: huggingface-hub keeps the partial file under
 <dir>/.cache/huggingface/ and continues it on the next run.
-
-This file also holds the shard format (read_header) that tokenize_text.py writes and checks.
 """
 
 import argparse
 import os
 import sys
 
-import numpy as np
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 
-# Shard format (modded-nanogpt): 256 little-endian int32 of header, then uint16 tokens.
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = 4 * HEADER_INTS
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the shard format's module
+from gpt2_data import read_shard_header  # noqa: E402
 
 HUB_REPO = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103  # FineWeb10B: ~100M tokens per train shard
@@ -39,29 +33,6 @@ try:
     HUB_UNREACHABLE += (httpx.TransportError,)
 except ImportError:
     pass
-
-
-def read_header(path):
-    """Check a shard's header against its file size; return its token count.
-
-    Raises ValueError naming the file and the problem: bad magic, wrong version, or a file that is
-    truncated or too long for the token count its header announces.
-    """
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: wrong version {header[1]} (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected:
-        problem = "truncated" if size < expected else "too long"
-        raise ValueError(f"{path}: {problem}: {size} bytes, but the header announces {num_tokens} tokens "
-                         f"({expected} bytes)")
-    return num_tokens
 
 
 def shard_names(num_train):
@@ -81,7 +52,7 @@ def download_shards(num_train, out_dir):
         progress = f"[{i}/{len(names)}] {name}"
         if os.path.exists(path):
             try:
-                print(f"{progress}: complete ({read_header(path):,} tokens), skipped", flush=True)
+                print(f"{progress}: complete ({read_shard_header(path):,} tokens), skipped", flush=True)
                 paths.append(path)
                 continue
             except ValueError as err:
@@ -89,7 +60,7 @@ def download_shards(num_train, out_dir):
                 os.remove(path)
         print(f"{progress}: downloading", flush=True)
         hf_hub_download(repo_id=HUB_REPO, filename=name, repo_type="dataset", local_dir=out_dir)
-        print(f"{progress}: done ({read_header(path):,} tokens)", flush=True)
+        print(f"{progress}: done ({read_shard_header(path):,} tokens)", flush=True)
         paths.append(path)
     return paths
 

@@ -26,31 +26,14 @@ from array import array
 from typing import NamedTuple
 
 import numpy as np
-import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling script holds the shard format
-from cached_fineweb10B import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_header  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the data format's module
+from gpt2_data import (BOS, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, load_gpt2_encoding,  # noqa: E402
+                       read_shard_header)
 
-BOS = 50256  # GPT-2's <|endoftext|>
-GPT2_VOCAB = 50257
-# GPT-2's pre-tokenizer split (from its encoder.py); tiktoken's "gpt2" uses an equivalent, faster form.
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_LINES_SUFFIXES = (".jsonl", ".json")
 WHOLE_FILE = -1  # document offset of a text file that is one document
-
-
-def load_gpt2_encoding(bpe_file=None):
-    """GPT-2's encoding from tiktoken (which downloads and caches its files once), or built offline
-    from a local GPT-2 ranks file in tiktoken's format (such as gpt2.tiktoken)."""
-    if bpe_file is None:
-        return tiktoken.get_encoding("gpt2")
-    encoding = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=load_tiktoken_bpe(bpe_file),
-                                 special_tokens={"<|endoftext|>": BOS})
-    if encoding.n_vocab != GPT2_VOCAB or encoding.encode_ordinary("Hello world") != [15496, 995]:
-        raise ValueError(f"{bpe_file}: not GPT-2's BPE ranks ({encoding.n_vocab} tokens; GPT-2 has {GPT2_VOCAB})")
-    return encoding
 
 
 class Documents(NamedTuple):
@@ -155,7 +138,7 @@ def write_shard(path, tokens):
     except BaseException:
         os.remove(tmp_path)
         raise
-    written = read_header(path)
+    written = read_shard_header(path)
     if written != tokens.size:
         raise ValueError(f"{path}: holds {written} tokens after writing {tokens.size}")
     return written

@@ -13,11 +13,10 @@ import tiktoken
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
 import cached_fineweb10B as fineweb  # noqa: E402
 import tokenize_text  # noqa: E402
+from gpt2_data import BOS, GPT2_SPLIT_PATTERN, HEADER_BYTES, read_shard_header  # noqa: E402
 
-BOS = 50256
 
-
-def tiny_encoding(pattern=tokenize_text.GPT2_SPLIT_PATTERN):
+def tiny_encoding(pattern=GPT2_SPLIT_PATTERN):
     """A byte-level BPE with GPT-2's split pattern and end-of-text id, small enough to build in a test."""
     ranks = {bytes([i]): i for i in range(256)}
     for merged in (b"th", b"the", b" t", b" the", b"in", b"ing", b"er", b" d", b"oc"):
@@ -26,7 +25,7 @@ def tiny_encoding(pattern=tokenize_text.GPT2_SPLIT_PATTERN):
 
 
 def read_shard_tokens(path):
-    return np.fromfile(path, dtype="<u2", offset=fineweb.HEADER_BYTES)
+    return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
 
 
 def shard_documents(path, encoding):
@@ -41,7 +40,7 @@ def shard_documents(path, encoding):
 def test_read_header_accepts_a_written_shard(tmp_path):
     path = str(tmp_path / "ok.bin")
     assert tokenize_text.write_shard(path, [BOS, 1, 2, 65535]) == 4
-    assert fineweb.read_header(path) == 4
+    assert read_shard_header(path) == 4
     assert read_shard_tokens(path).tolist() == [BOS, 1, 2, 65535]
     assert [name for name in os.listdir(tmp_path)] == ["ok.bin"]  # no temp file left behind
 
@@ -57,13 +56,13 @@ def test_read_header_rejects_damaged_shards(tmp_path, damage, problem):
     good = str(tmp_path / "good.bin")
     tokenize_text.write_shard(good, np.arange(10))
     with open(good, "rb") as f:
-        header, body = np.frombuffer(f.read(fineweb.HEADER_BYTES), dtype="<i4"), f.read()
+        header, body = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4"), f.read()
     header, body = damage(header, body)
     bad = str(tmp_path / "damaged_shard.bin")
     with open(bad, "wb") as f:
         f.write(header.astype("<i4").tobytes() + body)
     with pytest.raises(ValueError, match=problem) as err:
-        fineweb.read_header(bad)
+        read_shard_header(bad)
     assert "damaged_shard.bin" in str(err.value)
 
 
@@ -113,7 +112,7 @@ def test_tokenizer_round_trip(corpus, tmp_path, capsys):
     assert sorted(val + train) == sorted(expected)  # every document exactly once, byte for byte
     for path in shards["val"] + shards["train"]:
         tokens = read_shard_tokens(path)
-        assert fineweb.read_header(path) == len(tokens)
+        assert read_shard_header(path) == len(tokens)
         assert len(tokens) <= 200 or np.count_nonzero(tokens == BOS) == 1  # whole documents, within the cap
     assert "documents/s" in capsys.readouterr().out
 
@@ -177,7 +176,7 @@ def test_main_explains_how_to_work_offline(tmp_path, capsys, monkeypatch):
     def unreachable(name):
         raise ConnectionError("Failed to resolve host")
 
-    monkeypatch.setattr(tokenize_text.tiktoken, "get_encoding", unreachable)
+    monkeypatch.setattr(tiktoken, "get_encoding", unreachable)
     (tmp_path / "a.txt").write_text("text")
     assert tokenize_text.main([str(tmp_path / "a.txt"), "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
@@ -228,7 +227,7 @@ def test_download_fetches_val_and_train_shards(hub, tmp_path):
     out = tmp_path / "fineweb"
     assert fineweb.main(["2", "--dir", str(out)]) == 0
     assert hub == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
-    assert all(fineweb.read_header(str(out / name)) == 4 for name in hub)
+    assert all(read_shard_header(str(out / name)) == 4 for name in hub)
     assert fineweb.DEFAULT_DIR == os.path.join(os.path.dirname(os.path.abspath(fineweb.__file__)), "fineweb10B")
 
 
@@ -239,11 +238,11 @@ def test_download_skips_complete_files_and_replaces_corrupt_ones(hub, tmp_path, 
     tokenize_text.write_shard(str(out / "fineweb_train_000001.bin"), [BOS, 1, 2])
     tokenize_text.write_shard(str(out / "fineweb_train_000002.bin"), [BOS, 1, 2, 3, 4])
     with open(out / "fineweb_train_000002.bin", "r+b") as f:
-        f.truncate(fineweb.HEADER_BYTES + 4)  # an interrupted copy
+        f.truncate(HEADER_BYTES + 4)  # an interrupted copy
     assert fineweb.main(["2", "--dir", str(out)]) == 0
     assert hub == ["fineweb_train_000002.bin"]
-    assert fineweb.read_header(str(out / "fineweb_val_000000.bin")) == 3  # kept, not replaced
-    assert fineweb.read_header(str(out / "fineweb_train_000002.bin")) == 4
+    assert read_shard_header(str(out / "fineweb_val_000000.bin")) == 3  # kept, not replaced
+    assert read_shard_header(str(out / "fineweb_train_000002.bin")) == 4
     assert "truncated" in capsys.readouterr().out
 
 

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from parallax_decode import (parallax_decode_reference, decode_backend, parallax_decode,
-                             parallax_decode_triton)
+from parallax_kernels import decode_backend, parallax_decode, parallax_decode_reference, parallax_decode_triton
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -24,8 +23,8 @@ def make_inputs(lengths, kv_heads, group, head_dim, dtype, device, max_len=None,
     return q, r, k, v, seqlens
 
 
-def reference(q, r, k, v, seqlens, window=None):
-    return parallax_decode_reference(*(x.float() for x in (q, r, k, v)), seqlens, window, None)
+def reference(q, r, k, v, seqlens, window=None, scale=None):
+    return parallax_decode_reference(*(x.float() for x in (q, r, k, v)), seqlens, window, scale)
 
 
 def rel_error(x, ref):
@@ -52,11 +51,12 @@ def test_triton_matches_reference(lengths, window, group):
     if CUDA:
         pytest.skip("interpreter test; the GPU tests below cover the compiled kernel")
     q, r, k, v, seqlens = make_inputs(lengths, 2, group, 64, torch.float16, "cpu", max_len=131)
-    ref = reference(q, r, k, v, seqlens, window)
-    for num_splits in (1, 3):  # one program per row, and a split-KV combine
-        out = parallax_decode_triton(q, r, k, v, seqlens, window=window, num_splits=num_splits)
+    # one program per row at the default scale (D**-0.5 = 0.125), a split-KV combine at another scale
+    for num_splits, scale in ((1, None), (3, 0.3)):
+        ref = reference(q, r, k, v, seqlens, window, scale)
+        out = parallax_decode_triton(q, r, k, v, seqlens, window=window, scale=scale, num_splits=num_splits)
         assert out.dtype == q.dtype and out.shape == q.shape
-        assert rel_error(out, ref) < 2e-3, (num_splits, rel_error(out, ref))
+        assert rel_error(out, ref) < 2e-3, (scale, num_splits, rel_error(out, ref))
 
 
 def test_triton_ignores_cache_past_lengths():
@@ -67,22 +67,41 @@ def test_triton_ignores_cache_past_lengths():
     assert torch.equal(parallax_decode_triton(q, r, k2, v2, seqlens, num_splits=2), clean)
 
 
-def test_cpu_uses_reference_backend():
+def test_cpu_uses_reference_backend(monkeypatch):
+    """On the CPU parallax_decode runs parallax_decode_reference (a spy counts the calls), and what it
+    returns is the mechanism computed independently in float64 (test_mechanism.mechanism)."""
+    from test_mechanism import mechanism
+    import parallax_decode as module
+
     assert decode_backend("cpu") == "reference"
-    q, r, k, v, seqlens = make_inputs([3, 9], 2, 2, 64, torch.float32, "cpu")
+    calls = []
+    real = module.parallax_decode_reference
+    monkeypatch.setattr(module, "parallax_decode_reference", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    lengths = [3, 9]
+    q, r, k, v, seqlens = make_inputs(lengths, 2, 2, 64, torch.float32, "cpu")
     out = torch.empty_like(q)
-    result = parallax_decode(q, r, k, v, seqlens, window=4, out=out)
-    assert result is out
-    torch.testing.assert_close(out, reference(q, r, k, v, seqlens, window=4))
+    result = parallax_decode(q, r, k, v, seqlens, window=4, scale=0.3, out=out)
+    assert result is out and len(calls) == 1
+    for b, n in enumerate(lengths):
+        want = mechanism(q[b:b + 1], r[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], window=4, scale=0.3)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_one_key_returns_its_value():
-    """With a single visible key p = 1 and t = u, so o = v whatever r is (the hi/lo split of
-    P*U keeps this exact to fp16 rounding even though |u| is ~10 here)."""
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_one_visible_key_returns_its_value(scale):
+    """With one visible key p = 1 and t = u, so o is that key's value whatever q, r and the scale are:
+    the first key of a 1-long row, the last key of longer rows under window 1, at lengths on and next to
+    a tile boundary (the hi/lo split of P*U keeps this exact to fp16 rounding even though |u| is ~10)."""
     device = "cuda" if CUDA else "cpu"
-    q, r, k, v, seqlens = make_inputs([1, 1], 1, 2, 64, torch.float16, device, max_len=20)
-    out = parallax_decode_triton(q, r, k, v, seqlens)
-    torch.testing.assert_close(out, v[:, :1].expand(-1, 1, 2, -1), atol=2e-3, rtol=2e-3)
+    lengths = [1, 17, 64, 65]
+    q, r, k, v, seqlens = make_inputs(lengths, 1, 2, 64, torch.float16, device, max_len=80,
+                                      seed=int(torch.randint(0, 2**31, ())))
+    last = v[torch.arange(len(lengths)), seqlens.long() - 1]  # (B, Hkv = 1, D): each row's last value
+    for num_splits in (1, 2):
+        out = parallax_decode_triton(q, r, k, v, seqlens, window=1, scale=scale, num_splits=num_splits)
+        torch.testing.assert_close(out, last[:, None].expand(-1, 1, 2, -1), atol=2e-3, rtol=2e-3)
+    single = parallax_decode_triton(q[:1], r[:1], k[:1], v[:1], seqlens[:1], scale=scale)
+    torch.testing.assert_close(single, v[:1, :1].expand(-1, 1, 2, -1), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -113,6 +132,39 @@ def test_validation(change, match):
         parallax_decode(**args)
 
 
+# (dtype, head dim, q heads per KV head, splits, warpgroups, paired KV heads): every code path of
+# the kernel's trace (one split and a cluster, one and two warpgroups, paired and not).
+CUTE_VARIANTS = [
+    ("bfloat16", 128, 1, 1, 2, False), ("bfloat16", 128, 2, 3, 2, False), ("float16", 64, 4, 8, 1, False),
+    ("bfloat16", 128, 1, 4, 1, True), ("bfloat16", 64, 8, 2, 2, False), ("float16", 128, 2, 6, 2, True),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests run the kernel itself")
+@pytest.mark.parametrize("variant", CUTE_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_cute_kernel_compiles_for_hopper_without_a_gpu(variant, monkeypatch):
+    """The CuTe DSL kernel traces and compiles to sm_90a code on a CPU, so every change to it is
+    checked by the DSL on every test run, not only on a Hopper machine."""
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    cute_decode = pytest.importorskip("parallax_decode_cute")
+    cutlass = cute_decode.cutlass
+    Int32, Int64, Float32 = cutlass.Int32, cutlass.Int64, cutlass.Float32
+    dtype, head_dim, group, num_splits, warpgroups, paired = variant
+    dtype = cute_decode._TORCH_TO_CUTE[getattr(torch, dtype)]
+    batch, max_len, kv_heads = 2, 1024, 4
+    row = kv_heads * head_dim  # elements per cache position
+
+    def pointer(element, align):  # a made-up address: nothing runs
+        return cute_decode.make_ptr(element, 1 << 20, cute_decode.cute.AddressSpace.gmem, assumed_align=align)
+
+    args = (pointer(dtype, 2), pointer(dtype, 2), pointer(dtype, 16), pointer(dtype, 16), pointer(Int32, 4),
+            pointer(dtype, 2), Int32(batch), Int32(max_len), Int32(kv_heads),
+            Int64(max_len * row), Int32(row), Int32(head_dim), Int64(max_len * row), Int32(row), Int32(head_dim),
+            Int32(max_len), Float32(0.1), cute_decode.cuda.CUstream(0))
+    kernel = cute_decode.ParallaxDecodeSm90(dtype, head_dim, group, num_splits, warpgroups, paired)
+    assert cute_decode.cute.compile(kernel, *args) is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: both kernels against the reference, garbage past the lengths, CUDA-graph replay
 
@@ -137,22 +189,25 @@ def gpu_decode(backend):
             pytest.skip("the CuTe DSL kernel targets SM90")
         import parallax_decode_cute
 
-        def run(q, r, k, v, seqlens, window=None, **overrides):  # num_splits, warpgroups, paired
+        def run(q, r, k, v, seqlens, window=None, scale=None, **overrides):  # num_splits, warpgroups, paired
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
             return parallax_decode_cute.parallax_decode_cute(
-                q, r, k, v, seqlens, window, q.shape[-1] ** -0.5, torch.empty_like(q), **overrides)
+                q, r, k, v, seqlens, window, scale, torch.empty_like(q), **overrides)
         return run
-    return lambda q, r, k, v, seqlens, window=None: parallax_decode_triton(q, r, k, v, seqlens, window=window)
+    return lambda q, r, k, v, seqlens, window=None, scale=None: parallax_decode_triton(q, r, k, v, seqlens,
+                                                                                        window=window, scale=scale)
 
 
 @needs_cuda
 @pytest.mark.parametrize("backend", ["cute", "triton"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{len(c[0])}-G{c[1]}-D{c[2]}-{str(c[3])[6:]}-w{c[4]}")
-def test_gpu_matches_reference(backend, case):
+@pytest.mark.parametrize("scale", [None, 0.12])  # 0.12: training's attn_scale
+def test_gpu_matches_reference(backend, case, scale):
     lengths, group, head_dim, dtype, window = case
     q, r, k, v, seqlens = make_inputs(lengths, 2, group, head_dim, dtype, "cuda", seed=group)
     k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))  # never read past L
-    out = gpu_decode(backend)(q, r, k, v, seqlens, window)
-    ref = reference(q, r, k, v, seqlens, window)
+    out = gpu_decode(backend)(q, r, k, v, seqlens, window, scale)
+    ref = reference(q, r, k, v, seqlens, window, scale)
     assert out.dtype == dtype and torch.isfinite(out).all()
     err = rel_error(out, ref)
     assert err <= 1e-2, f"{backend}: relative error {err:.2e}"
@@ -196,18 +251,20 @@ def test_gpu_moving_maximum(backend, ramp):
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_splits, warpgroups", [(1, 1), (1, 2), (3, 1), (3, 2), (6, 2), (8, 1),
-                                                    (8, 2)])
+@pytest.mark.parametrize("num_splits", range(1, 9))  # 1 .. parallax_decode_cute.MAX_SPLITS (checked below)
+@pytest.mark.parametrize("warpgroups", [1, 2])
 @pytest.mark.parametrize("window", [None, 100])
 def test_gpu_cute_split_counts(num_splits, warpgroups, window):
     """Every cluster size and warpgroup count merges right, including splits that get no tile
     (the 1-key row) and warpgroups that get different tile counts."""
     decode = gpu_decode("cute")
+    import parallax_decode_cute
+    assert parallax_decode_cute.MAX_SPLITS == 8  # the parametrization covers every split count
     q, r, k, v, seqlens = make_inputs([1, 130, 4096, 700], 2, 2, 128, torch.bfloat16, "cuda", seed=3)
     k, v = (fill_past_lengths(x, seqlens, float("nan")) for x in (k, v))
-    out = decode(q, r, k, v, seqlens, window, num_splits=num_splits, warpgroups=warpgroups)
+    out = decode(q, r, k, v, seqlens, window, 0.12, num_splits=num_splits, warpgroups=warpgroups)
     assert torch.isfinite(out).all()
-    assert rel_error(out, reference(q, r, k, v, seqlens, window)) <= 1e-2
+    assert rel_error(out, reference(q, r, k, v, seqlens, window, 0.12)) <= 1e-2
 
 
 @needs_cuda

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import train_gpt as tg
+from gpt2_data import SHARD_MAGIC, SHARD_VERSION
 
 
-def write_shard(path, tokens, *, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
+def write_shard(path, tokens, *, magic=SHARD_MAGIC, version=SHARD_VERSION, count=None):
     header = np.zeros(256, dtype="<i4")
     header[:3] = magic, version, len(tokens) if count is None else count
     with open(path, "wb") as f:

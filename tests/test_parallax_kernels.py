@@ -15,23 +15,24 @@ def rel_err(x, ref):
 
 
 def make_inputs(B, Tq, Tk, Hq, Hkv, D, dtype, device, r_scale=0.5):
-    gen = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)  # fresh every run
+    # Drawn from torch's generator, which the conftest fixture seeds per test (the seed is in any failure).
+    gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, ())))
     q, r = (torch.randn(B, Tq, Hq, D, dtype=dtype, device=device, generator=gen) for _ in range(2))
     k, v = (torch.randn(B, Tk, Hkv, D, dtype=dtype, device=device, generator=gen) for _ in range(2))
     return [x.requires_grad_() for x in (q, r * r_scale, k, v)]
 
 
-def check_against_reference(B, Tq, Tk, Hq, Hkv, D, *, dtype, device, tol, window=None, doc_lens=None):
+def check_against_reference(B, Tq, Tk, Hq, Hkv, D, *, dtype, device, tol, window=None, doc_lens=None, scale=None):
     cu = None
     if doc_lens is not None:
         cu = torch.tensor([0] + doc_lens, device=device).cumsum(0).to(torch.int32)
         assert B == 1 and Tq == Tk == int(cu[-1])
     inputs = make_inputs(B, Tq, Tk, Hq, Hkv, D, dtype, device)
-    out = parallax_attn(*inputs, cu_seqlens=cu, window=window)
+    out = parallax_attn(*inputs, cu_seqlens=cu, window=window, scale=scale)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
     ref_inputs = [x.detach().float().requires_grad_() for x in inputs]
-    ref = parallax_reference(*ref_inputs, cu_seqlens=cu, window=window)
+    ref = parallax_reference(*ref_inputs, cu_seqlens=cu, window=window, scale=scale)
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.float())
     assert out.dtype == dtype and out.shape == inputs[0].shape
     for name, x, want in zip(("o", "dq", "dr", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
@@ -74,12 +75,15 @@ def test_reference_weights_sum_to_one():
 
 # -- the Triton kernels on the CPU (interpreter, fp16) -------------------------------------------
 
+# scale multiplies q.k (default D**-0.5 = 0.125 at D = 64); the cases alternate it with a non-default one.
+# Windows on, before and after tile boundaries are in test_windows.py.
 CPU_CASES = {
     "documents 1,7,64,130 + GQA 2:1": dict(B=1, T=202, Hq=2, Hkv=1, doc_lens=[1, 7, 64, 130]),
-    "documents + window 5 (< tile)": dict(B=1, T=202, Hq=2, Hkv=2, doc_lens=[7, 130, 1, 64], window=5),
+    "documents + window 5 (< tile), scale 0.3": dict(B=1, T=202, Hq=2, Hkv=2, doc_lens=[7, 130, 1, 64], window=5,
+                                                    scale=0.3),
     "documents + window 37 (> tile)": dict(B=1, T=202, Hq=2, Hkv=2, doc_lens=[64, 1, 130, 7], window=37),
-    "dense batch, MQA 3:1, T=50": dict(B=2, T=50, Hq=3, Hkv=1),
-    "dense, window 23": dict(B=1, T=70, Hq=2, Hkv=1, window=23),
+    "dense batch, MQA 3:1, T=50, scale 0.3": dict(B=2, T=50, Hq=3, Hkv=1, scale=0.3),
+    "dense, window 23, scale 0.05": dict(B=1, T=70, Hq=2, Hkv=1, window=23, scale=0.05),
 }
 
 
@@ -88,19 +92,21 @@ CPU_CASES = {
 def test_triton_matches_reference_cpu(case):
     c = CPU_CASES[case]
     check_against_reference(c["B"], c["T"], c["T"], c["Hq"], c["Hkv"], 64, dtype=torch.float16, device="cpu",
-                            tol=2e-3, window=c.get("window"), doc_lens=c.get("doc_lens"))
+                            tol=2e-3, window=c.get("window"), doc_lens=c.get("doc_lens"), scale=c.get("scale"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter case")
 def test_triton_prefill_fewer_queries_than_keys_cpu():
-    check_against_reference(2, 19, 45, 2, 1, 64, dtype=torch.float16, device="cpu", tol=2e-3)
+    check_against_reference(2, 19, 45, 2, 1, 64, dtype=torch.float16, device="cpu", tol=2e-3, scale=0.3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter case")
-def test_triton_zero_r_is_softmax_cpu():
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_triton_zero_r_is_softmax_cpu(scale):
     q, r, k, v = make_inputs(1, 33, 33, 2, 2, 64, torch.float16, "cpu")
-    out = parallax_attn(q, torch.zeros_like(r), k, v)
-    want = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    out = parallax_attn(q, torch.zeros_like(r), k, v, scale=scale)
+    want = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)), is_causal=True,
+                                          scale=scale)
     assert rel_err(out, want.transpose(1, 2)) < 2e-3
 
 
@@ -154,16 +160,18 @@ GPU_CASES = {
 @cuda
 @pytest.mark.parametrize("case", GPU_CASES, ids=list(GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_matches_reference_gpu(case, dtype):
+@pytest.mark.parametrize("scale", [None, 0.12])  # 0.12: training's attn_scale
+def test_triton_matches_reference_gpu(case, dtype, scale):
     c = GPU_CASES[case]
     T = c["T"] or sum(c["doc_lens"])
     check_against_reference(c["B"], T, T, c["Hq"], c["Hkv"], c["D"], dtype=dtype, device="cuda", tol=1e-2,
-                            window=c.get("window"), doc_lens=c.get("doc_lens"))
+                            window=c.get("window"), doc_lens=c.get("doc_lens"), scale=scale)
 
 
 @cuda
 def test_triton_prefill_gpu():
-    check_against_reference(3, 300, 1000, 4, 2, 128, dtype=torch.bfloat16, device="cuda", tol=1e-2, window=257)
+    check_against_reference(3, 300, 1000, 4, 2, 128, dtype=torch.bfloat16, device="cuda", tol=1e-2, window=257,
+                            scale=0.12)
 
 
 @cuda
@@ -171,10 +179,10 @@ def test_compiles_without_graph_break():
     """fullgraph compile through inductor, backward included (a data-dependent op there breaks it)."""
     q, r, k, v = make_inputs(1, 256, 256, 2, 1, 64, torch.bfloat16, "cuda")
     cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
-    fn = torch.compile(lambda *x: parallax_attn(*x, cu_seqlens=cu, window=64), fullgraph=True)
+    fn = torch.compile(lambda *x: parallax_attn(*x, cu_seqlens=cu, window=64, scale=0.12), fullgraph=True)
     out = fn(q, r, k, v)
     grads = torch.autograd.grad(out.float().square().sum(), (q, r, k, v))
-    eager = parallax_attn(q, r, k, v, cu_seqlens=cu, window=64)
+    eager = parallax_attn(q, r, k, v, cu_seqlens=cu, window=64, scale=0.12)
     eager_grads = torch.autograd.grad(eager.float().square().sum(), (q, r, k, v))
     torch.testing.assert_close(out, eager)
     for got, want in zip(grads, eager_grads):

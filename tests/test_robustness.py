@@ -11,9 +11,10 @@ import torch
 
 import train_gpt as tg
 from records.compare import parse_log
+from safeguards import one_edit_apart
 from test_loader import write_shard
 from test_sample import tiny_model
-from test_train import SMOKE, smoke_run  # noqa: F401 (a fixture)
+from test_train import SMOKE, smoke_run, tiny_config  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +96,7 @@ def test_ordinary_environment_variables_are_not_settings():
                                             ("SEED", "SEED", False), ("SE", "SEED", False),
                                             ("SDEX", "SEED", False)])
 def test_one_edit_apart(a, b, expected):
-    assert tg.one_edit_apart(a, b) == expected == tg.one_edit_apart(b, a)
+    assert one_edit_apart(a, b) == expected == one_edit_apart(b, a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def test_sampling_arguments_are_checked_before_anything_loads(arguments, message
 
 def test_a_checkpoint_of_another_config_names_the_keys_and_shapes(tmp_path, capsys):
     path = str(tmp_path / "state_step000001.pt")
-    tg.save_checkpoint(path, tiny_model("parallax"), SMOKE, step=1)
+    without_gain = tg.GPT(tiny_config("parallax", r_gain="none"))  # so that an r gain is a key it lacks
+    tg.save_checkpoint(path, without_gain, replace(SMOKE, r_gain="none"), step=1)
     payload = torch.load(path, weights_only=True)
     payload["model"]["blocks.0.attn.q.weight"] = torch.zeros(32, 64)
     payload["model"]["blocks.0.attn.r_gain"] = torch.zeros(1)
@@ -267,6 +269,24 @@ def test_an_interrupted_run_resumes_to_the_same_losses(quick_run, monkeypatch, c
     assert checkpoint["step"] == 6 and "optimizers" in checkpoint
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_checkpointed_optimizer_groups_are_those_make_optimizers_builds(quick_run):
+    """The r gains' Adam group and W_r's Muon group (regroup) are saved and come back in the same order."""
+    assert quick_run.r_gain == "head" and quick_run.attention == "parallax"
+    assert tg.train(replace(quick_run, num_iterations=1)) == 0
+    saved = torch.load("checkpoints/smoke/state_step000001.pt", weights_only=True)["optimizers"][0]
+    model = tg.GPT(tg.model_config(quick_run))
+    optimizers, _, _ = tg.make_optimizers(model, quick_run, torch.device("cpu"))
+    assert len(saved) == len(optimizers) == 2
+    for state, optimizer in zip(saved, optimizers):
+        built = optimizer.state_dict()["param_groups"]
+        assert [(g["params"], g["initial_lr"]) for g in state["param_groups"]] == [
+            (g["params"], g["initial_lr"]) for g in built]
+    gains = [id(block.attn.r_gain) for block in model.blocks]
+    gain_groups = [g for g in optimizers[0].param_groups if {id(p) for p in g["params"]} == set(gains)]
+    assert len(gain_groups) == 1 and gain_groups[0]["initial_lr"] == quick_run.r_gain_lr
+    assert all(len(state["state"]) == sum(len(g["params"]) for g in state["param_groups"]) for state in saved)
 
 
 def test_sigterm_saves_the_current_step(quick_run, monkeypatch, capsys):

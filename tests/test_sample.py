@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from parallax_kernels import parallax_decode_reference
 from test_train import SMOKE, randomized, tiny_config
 
 PROMPTS = [[tg.BOS, 11, 12, 13], [tg.BOS] + list(range(100, 130)), [tg.BOS, 7]]  # 4, 31 and 2 tokens
@@ -22,13 +23,15 @@ def greedy_by_recomputation(model, prompt, new_tokens):
     return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize("attention, decode_path", [("parallax", "kernel"), ("parallax", "reference"),
-                                                    ("softmax", "kernel")])
-def test_cached_greedy_equals_recomputation(attention, decode_path):
+@pytest.mark.parametrize("attention, decode", [("parallax", "kernel"), ("parallax", "reference"),
+                                               ("softmax", "kernel")])
+def test_cached_greedy_equals_recomputation(attention, decode, monkeypatch):
+    if decode == "reference":
+        monkeypatch.setattr(tg, "parallax_decode", parallax_decode_reference)
     model = tiny_model(attention)
     for prompt in PROMPTS[:2]:
         expected = greedy_by_recomputation(model, prompt, 40)  # the sequence outgrows the window
-        result = tg.generate(model, [prompt], 40, stop_token=None, decode_path=decode_path)
+        result = tg.generate(model, [prompt], 40, stop_token=None)
         assert result.tokens == [expected]
 
 
@@ -118,7 +121,7 @@ def test_sample_command_says_how_to_provide_the_encoding(tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("use_graph", [False, True])
-def test_decode_kernel_matches_reference_on_gpu(use_graph):
+def test_decode_kernel_matches_reference_on_gpu(use_graph, monkeypatch):
     """32 greedy steps through the decode kernel, teacher-forcing the reference path with the same
     tokens: logits agree to bf16 precision at every step, and every kernel token is the reference's
     greedy choice (up to a bf16-sized margin, since a near-tie of a random model may flip either way)."""
@@ -128,7 +131,7 @@ def test_decode_kernel_matches_reference_on_gpu(use_graph):
     model = tg.prepare_for_inference(randomized(tg.GPT(config)), torch.device("cuda"))
     prompts = [[tg.BOS] + torch.randint(0, tg.BOS, (n,)).tolist() for n in (5, 90, 33)]  # 90 > window
     caches = [tg.KVCache(config, len(prompts), 128, "cuda", model.lm_head.weight.dtype) for _ in range(2)]
-    kernel_step = tg.DecodeStep(model, caches[0], "kernel", use_graph=use_graph)
+    kernel_step = tg.DecodeStep(model, caches[0], use_graph=use_graph)
     kernel_logits = tg.prefill(model, caches[0], prompts)
     reference_logits = tg.prefill(model, caches[1], prompts)
     exact = 0
@@ -142,5 +145,7 @@ def test_decode_kernel_matches_reference_on_gpu(use_graph):
         assert (chosen >= reference_logits.max(-1).values - margin).all()
         exact += int((tokens == reference_logits.argmax(-1)).sum())
         kernel_logits = kernel_step(tokens)
-        reference_logits = tg.decode_step(model, caches[1], tokens, "reference")
+        with monkeypatch.context() as patch:
+            patch.setattr(tg, "parallax_decode", parallax_decode_reference)
+            reference_logits = tg.decode_step(model, caches[1], tokens)
     assert exact >= 0.9 * 32 * len(prompts)

@@ -71,8 +71,9 @@ def test_smoke_run_learns_and_its_log_parses(smoke_run):
     assert np.mean([loss for _, loss in run["train"][-5:]]) < np.mean([loss for _, loss in run["train"][:5]]) - 5
     assert run["peak_allocated_mib"] is not None
     log = open("logs/smoke.txt").read()
-    for section in ("==== train_gpt.py ====", "==== parallax_kernels.py ====", "==== muon.py ===="):
-        assert section in log
+    for name in ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
+                 "parallax_reference.py", "muon.py"):
+        assert f"==== {name} ====" in log
 
     model, checkpoint = tg.load_checkpoint("checkpoints/smoke/state_step000030.pt")
     assert checkpoint["hyperparameters"]["attention"] == "parallax" and checkpoint["step"] == 30
@@ -95,7 +96,7 @@ def test_checkpoint_reloads_with_weights_only_and_reproduces_logits(tmp_path):
 def test_parallax_with_zero_r_equals_softmax():
     parallax = randomized(tg.GPT(tiny_config("parallax")))
     softmax = tg.GPT(tiny_config("softmax"))
-    state = {name: t for name, t in parallax.state_dict().items() if ".attn.r." not in name}
+    state = {name: t for name, t in parallax.state_dict().items() if ".attn.r" not in name}  # r and its gain
     softmax.load_state_dict(state)  # strict: every other weight is shared
     tokens, cu_seqlens = packed_batch([100, 3, 90, 63])  # documents longer and shorter than the window (48)
     before = parallax(tokens, cu_seqlens=cu_seqlens)
@@ -106,6 +107,59 @@ def test_parallax_with_zero_r_equals_softmax():
     reference = softmax(tokens, cu_seqlens=cu_seqlens)
     torch.testing.assert_close(zero_r, reference, atol=2e-5, rtol=1e-5)
     assert (before - reference).abs().max() > 1e-2  # r matters when it is not zero
+
+
+@pytest.mark.parametrize("r_gain", ["head", "channel"])
+def test_zero_r_gain_starts_parallax_as_softmax(r_gain):
+    """With the gain at 0, step 0 is exactly the softmax model, whatever W_r is; a gain makes r matter."""
+    parallax = randomized(tg.GPT(tiny_config("parallax", r_gain=r_gain, r_gain_init=0.0)))
+    softmax = tg.GPT(tiny_config("softmax"))
+    softmax.load_state_dict({name: t for name, t in parallax.state_dict().items() if ".attn.r" not in name})
+    for block in parallax.blocks:
+        assert block.attn.r_gain.abs().max() > 0  # randomized, so reset below
+        with torch.no_grad():
+            block.attn.r_gain.zero_()
+    tokens, cu_seqlens = packed_batch([100, 3, 90, 63])
+    reference = softmax(tokens, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(parallax(tokens, cu_seqlens=cu_seqlens), reference, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        parallax.blocks[0].attn.r_gain.fill_(0.3)
+    assert (parallax(tokens, cu_seqlens=cu_seqlens) - reference).abs().max() > 1e-3
+
+
+def test_r_gain_shapes_and_the_probe_settings():
+    config = tiny_config("parallax", r_gain="channel", r_gain_init=0.25, r_norm=False, r_rotary=False)
+    attn = tg.GPT(config).blocks[0].attn
+    assert attn.r_gain.shape == (config.num_heads, config.head_dim) and torch.all(attn.r_gain == 0.25)
+    x = torch.randn(1, 5, config.model_dim)
+    shape = (1, 5, config.num_heads, config.head_dim)
+    rope = tg.rotary_tables(torch.arange(5), config.head_dim)
+    torch.testing.assert_close(attn.probe(x, shape, rope), 0.25 * attn.r(x).view(shape))
+    assert tg.GPT(tiny_config("parallax", r_gain="none")).blocks[0].attn.r_gain is None  # the authors' r
+    default = tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain  # the study's winner: per head, from 0
+    assert default.shape == (config.num_heads, 1) and torch.all(default == 0)
+    with pytest.raises(ValueError, match="r_gain must be"):
+        tg.check_hyperparameters(replace(SMOKE, r_gain="layer"), 1)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_r_learning_rates_get_groups_of_their_own(optimizer):
+    hp = replace(SMOKE, r_gain="head", r_gain_lr=0.123, r_lr_mult=0.5, optimizer=optimizer)
+    model = tg.GPT(tg.model_config(hp))
+    optimizers, averaged, _ = tg.make_optimizers(model, hp, torch.device("cpu"))
+    groups = [group for opt in optimizers for group in opt.param_groups]
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))  # each param once
+    matrix_lr = hp.muon_lr if optimizer == "muon" else hp.adamw_lr
+
+    def lr_of(param):
+        return next(group["initial_lr"] for group in groups if any(p is param for p in group["params"]))
+
+    for block in model.blocks:
+        assert lr_of(block.attn.r_gain) == 0.123
+        assert lr_of(block.attn.r.weight) == 0.5 * matrix_lr
+        assert lr_of(block.attn.q.weight) == matrix_lr
+        assert any(p is block.attn.r_gain for p in averaged)  # Adam's gradients are averaged by the loop
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -144,8 +198,8 @@ def test_param_matched_costs_what_r_adds():
             return sum(p.numel() for p in tg.GPT(tg.model_config(hp)).parameters())
 
     softmax, drop_in, matched = count("softmax", False), count("parallax", False), count("parallax", True)
-    assert drop_in - softmax == 12 * 768 * 768  # one 768 x 768 r per layer
-    assert matched == softmax
+    assert drop_in - softmax == 12 * (768 * 768 + 6)  # one 768 x 768 r and 6 head gains per layer
+    assert matched == softmax + 12 * 6
     assert tg.model_config(tg.Hyperparameters(param_matched=True)).mlp_hidden == 2688
 
 
@@ -169,8 +223,30 @@ def test_schedules():
     windows = [tg.window_at(step, hp) for step in range(1001)]
     assert sorted(set(windows)) == list(hp.window_schedule) and windows == sorted(windows)
     model = tg.GPT(tiny_config("softmax", num_layers=12, num_value_embeds=3))
-    model.set_window(1792)
-    assert model.layer_windows == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
+    assert model.layer_windows(1792) == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
+
+
+@pytest.mark.parametrize("attention", ["parallax", "softmax"])
+def test_compiled_forward_specializes_on_the_window(attention):
+    """The window reaches GPT.forward as a Python int: as configured for training, torch.compile builds
+    one graph per window with no symbolic scalar input (the kernels and masks take Python ints)."""
+    graphs = []
+
+    def record_scalar_inputs(gm, example_inputs):
+        graphs.append([x for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    model = tg.GPT(tiny_config(attention))
+    tokens, cu_seqlens = packed_batch([100, 156])
+    doc_ids = tg.document_ids(cu_seqlens, tokens.numel()) if attention == "softmax" else None
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_int=False, recompile_limit=8):
+        tg.configure_compile()
+        compiled = torch.compile(model, backend=record_scalar_inputs)
+        for window in (32, 64, 16):
+            compiled(tokens, tokens.long(), cu_seqlens=cu_seqlens, window=window, doc_ids=doc_ids)
+    torch._dynamo.reset()
+    assert graphs == [[], [], []]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

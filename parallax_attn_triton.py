@@ -1,0 +1,381 @@
+"""Parallax attention for training: the Triton forward and backward (packed documents, causal,
+sliding window, GQA) behind a torch custom op, `parallax_attn`. Reached through parallax_kernels.py;
+the math, the checks and the reference are in parallax_reference.py.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, document_ids, parallax_output
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# One program owns a block of BLOCK_M query rows of one head (forward, dQ/dR) or a block of BLOCK_N
+# keys of one KV head (dK/dV). Documents are handled as a mask over the packed sequence: query row i
+# sees key j when lo_i <= j <= pos_i, where lo_i = max(start of i's document, pos_i - window + 1).
+# Both bounds grow with i, so a block's key range is [lo of its first row, pos of its last row].
+#
+# The backward needs, per query row, b_i = g_i . o1_i with o1 = softmax attention's output. o1 is not
+# saved (only O(T) state is), so the dQ kernel first sweeps the keys once to accumulate
+# b_i = sum_j p_ij (g_i . v_j), then sweeps again for dQ and dR, and stores b and c_i = g_i . o_i for
+# the dK/dV kernel.
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+
+
+# Tile shapes (BLOCK_M, BLOCK_N, warps, pipeline stages) per kernel, chosen by timing candidates kernel by
+# kernel (README). Fixed rather than autotuned, so a new shape costs only compilation. The interpreter runs
+# one small tile so the CPU tests exercise multi-block paths quickly.
+_TILES = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2)}
+
+
+def _tile(kernel):
+    block_m, block_n, warps, stages = (16, 16, 1, 1) if INTERPRET else _TILES[kernel]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN: tl.constexpr, WINDOWED: tl.constexpr):
+    """Absolute key position of each query row and the first key it may see."""
+    rows = tl.minimum(offs_m, Tq - 1)  # rows past the end copy the last one: bounds stay monotone
+    pos = rows + (Tk - Tq)
+    lo = tl.zeros_like(pos)
+    if VARLEN:
+        lo = tl.load(DOC_START + rows)
+    if WINDOWED:
+        lo = tl.maximum(lo, pos - window + 1)
+    return pos, lo
+
+
+@triton.jit
+def _visible(pos, lo, kpos):
+    """(query rows, keys) bool: the visibility rule in row bounds, lo_i <= j <= pos_i."""
+    return (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None])
+
+
+@triton.jit
+def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query rows: offsets, validity, key bounds, the q and K/V row offsets, and the
+    offsets of its per-row statistics."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
+    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
+    return offs_m, offs_m < Tq, pos, lo, q_off, kv_base, pid_bh * Tq + offs_m
+
+
+@triton.jit
+def _load_rows(X, offsets, rows, n_rows):
+    return tl.load(X + offsets, mask=(rows < n_rows)[:, None], other=0.0)
+
+
+@triton.jit
+def _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2, m_i, d1, d2, o1, o2,
+              BLOCK_N: tl.constexpr):
+    kpos = start_n + tl.arange(0, BLOCK_N)
+    kv_off = kv_base + kpos[:, None] * stride_kt
+    k = _load_rows(K, kv_off, kpos, Tk)
+    v = _load_rows(V, kv_off, kpos, Tk)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    u = tl.dot(r, tl.trans(k))
+    # u stays finite (masked loads are 0), so p * u = 0 where p = 0
+    s = tl.where(_visible(pos, lo, kpos), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    pu = p * u
+    d1 = d1 * alpha + tl.sum(p, axis=1)
+    d2 = d2 * alpha + tl.sum(pu, axis=1)
+    o1 = o1 * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    o2 = o2 * alpha[:, None] + tl.dot(pu.to(v.dtype), v)
+    return m_new, d1, d2, o1, o2
+
+
+@triton.jit
+def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                Tq, Tk, n_heads, group, window, scale_log2,
+                D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+        D, VARLEN, WINDOWED, BLOCK_M)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite, so fully masked tiles give alpha = 1
+    d1 = tl.zeros([BLOCK_M], tl.float32)
+    d2 = tl.zeros([BLOCK_M], tl.float32)
+    o1 = tl.zeros([BLOCK_M, D], tl.float32)
+    o2 = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1, BLOCK_N):
+        m_i, d1, d2, o1, o2 = _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2,
+                                        m_i, d1, d2, o1, o2, BLOCK_N)
+
+    t = d2 / d1
+    o = parallax_output(o1, o2, d1, d2)
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + stat_off, m_i + tl.log2(d1), mask=row_ok)
+    tl.store(TMEAN + stat_off, t, mask=row_ok)
+
+
+@triton.jit
+def _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2):
+    """Recomputed softmax probabilities of a (query rows, keys) tile."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    return tl.where(_visible(pos, lo, kpos), p, 0.0)
+
+
+@triton.jit
+def _bdot_tile(q, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, scale_log2, bdot,
+               BLOCK_N: tl.constexpr):
+    kpos = start_n + tl.arange(0, BLOCK_N)
+    kv_off = kv_base + kpos[:, None] * stride_kt
+    k = _load_rows(K, kv_off, kpos, Tk)
+    v = _load_rows(V, kv_off, kpos, Tk)
+    p = _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2)
+    return bdot + tl.sum(p * tl.dot(g, tl.trans(v)), axis=1)
+
+
+@triton.jit
+def _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, bdot, c, scale_log2, dq, dr,
+               BLOCK_N: tl.constexpr):
+    kpos = start_n + tl.arange(0, BLOCK_N)
+    kv_off = kv_base + kpos[:, None] * stride_kt
+    k = _load_rows(K, kv_off, kpos, Tk)
+    v = _load_rows(V, kv_off, kpos, Tk)
+    p = _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2)
+    u = tl.dot(r, tl.trans(k))
+    a = tl.dot(g, tl.trans(v))
+    delta = a - bdot[:, None]
+    ds = p * (a - c[:, None] + (t[:, None] - u) * delta)
+    dq += tl.dot(ds.to(k.dtype), k)
+    dr += tl.dot((-p * delta).to(k.dtype), k)
+    return dq, dr
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   Tq, Tk, n_heads, group, window, scale_log2, scale,
+                   D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+        D, VARLEN, WINDOWED, BLOCK_M)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
+    g = tl.load(G + q_off, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
+    c = tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(LSE + stat_off, mask=row_ok, other=0.0)
+    t = tl.load(TMEAN + stat_off, mask=row_ok, other=0.0)
+    k_start, k_end = tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1
+
+    # Sweep 1: b_i = g_i . o1_i = sum_j p_ij a_ij.
+    bdot = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(k_start, k_end, BLOCK_N):
+        bdot = _bdot_tile(q, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, scale_log2, bdot, BLOCK_N)
+
+    # Sweep 2: dL/ds = p [a - c + (t - u)(a - b)], dL/du = -p (a - b).
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dr = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(k_start, k_end, BLOCK_N):
+        dq, dr = _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, bdot, c, scale_log2,
+                            dq, dr, BLOCK_N)
+
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DR + q_off, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(BDOT + stat_off, bdot, mask=row_ok)
+    tl.store(CDOT + stat_off, c, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, q_base, stat_base, stride_qt,
+               start_m, Tq, Tk, window, scale_log2, scale, dk, dv,
+               VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_off = q_base + rows[:, None] * stride_qt
+    q = _load_rows(Q, q_off, rows, Tq)
+    r = _load_rows(R, q_off, rows, Tq)
+    g = _load_rows(G, q_off, rows, Tq)
+    row_ok = rows < Tq
+    lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0)
+    t = tl.load(TMEAN + stat_base + rows, mask=row_ok, other=0.0)
+    bdot = tl.load(BDOT + stat_base + rows, mask=row_ok, other=0.0)
+    c = tl.load(CDOT + stat_base + rows, mask=row_ok, other=0.0)
+
+    pos, lo = _row_bounds(rows, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
+    visible = (kpos[:, None] <= pos[None, :]) & (kpos[:, None] >= lo[None, :]) & row_ok[None, :]
+    p_t = tl.where(visible, tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :]), 0.0)
+    u_t = tl.dot(k, tl.trans(r))
+    a_t = tl.dot(v, tl.trans(g))
+    delta_t = a_t - bdot[None, :]
+    dv += tl.dot((p_t * (1.0 + t[None, :] - u_t)).to(g.dtype), g)
+    ds_t = p_t * (a_t - c[None, :] + (t[None, :] - u_t) * delta_t)
+    dk += tl.dot((ds_t * scale).to(q.dtype), q) + tl.dot((-p_t * delta_t).to(r.dtype), r)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, R, K, V, G, LSE, TMEAN, BDOT, CDOT, DOC_START, DOC_END, DK, DV,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     Tq, Tk, n_heads, n_kv_heads, group, window, scale_log2, scale,
+                     D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
+    first_key = pid_n * BLOCK_N
+    kpos = first_key + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    key_ok = kpos < Tk
+    kv_off = b * stride_kb + kpos[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
+
+    # The queries that see some key of this block end where the last key's document (or window) ends.
+    last_key = tl.minimum(first_key + BLOCK_N - 1, Tk - 1)
+    last_seen = Tk
+    if VARLEN:
+        last_seen = tl.load(DOC_END + last_key)
+    if WINDOWED:
+        last_seen = tl.minimum(last_seen, last_key + window)
+    shift = Tk - Tq
+    m_start = tl.maximum(first_key - shift, 0) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for h in range(hk * group, hk * group + group):
+        q_base = b * stride_qb + h * stride_qh + offs_d[None, :]
+        stat_base = (b * n_heads + h) * Tq
+        for start_m in range(m_start, last_seen - shift, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, q_base, stat_base, stride_qt,
+                                start_m, Tq, Tk, window, scale_log2, scale, dk, dv, VARLEN, WINDOWED, BLOCK_M)
+
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+def _launch_args(q, k, window):
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    return dict(stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
+                stride_kb=k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2),
+                Tq=Tq, Tk=Tk, n_heads=Hq, group=Hq // Hkv, window=max(window, 1),
+                D=D, WINDOWED=window > 0)
+
+
+def _forward(q, r, k, v, doc_start, window, scale):
+    B, Tq, Hq, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    t = torch.empty_like(lse)
+    tile = _tile("fwd")
+    _fwd_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
+        q, r, k, v, o, lse, t, doc_start if doc_start is not None else lse,
+        scale_log2=scale * LOG2E, VARLEN=doc_start is not None, **_launch_args(q, k, window), **tile)
+    return o, lse, t
+
+
+def _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq, dr = torch.empty_like(q), torch.empty_like(r)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    bdot, cdot = torch.empty_like(lse), torch.empty_like(lse)
+    varlen = doc_start is not None
+    common = dict(scale_log2=scale * LOG2E, scale=scale, VARLEN=varlen, **_launch_args(q, k, window))
+    tile = _tile("dq")
+    _bwd_dq_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
+        q, r, k, v, o, g, lse, t, doc_start if varlen else lse, dq, dr, bdot, cdot, **common, **tile)
+    tile = _tile("dkdv")
+    _bwd_dkdv_kernel[(triton.cdiv(Tk, tile["BLOCK_N"]), B * Hkv)](
+        q, r, k, v, g, lse, t, bdot, cdot, doc_start if varlen else lse, doc_end if varlen else lse,
+        dk, dv, n_kv_heads=Hkv, **common, **tile)
+    return dq, dr, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch custom ops: opaque to torch.compile (no graph break), with autograd
+
+
+@torch.library.custom_op("parallax::forward", mutates_args=())
+def _forward_op(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, r, k, v = (x.contiguous() for x in (q, r, k, v))  # the kernels share q's strides for r, g, o
+    return _forward(q, r, k, v, doc_start, window, scale)
+
+
+@_forward_op.register_fake
+def _(q, r, k, v, doc_start, doc_end, window, scale):
+    stats = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("parallax::backward", mutates_args=())
+def _backward_op(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 o: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, doc_start: torch.Tensor | None,
+                 doc_end: torch.Tensor | None, window: int, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, q, r, k, v = (x.contiguous() for x in (g, q, r, k, v))
+    return _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale)
+
+
+@_backward_op.register_fake
+def _(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, r, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, r, k, v, doc_start, doc_end, window, scale = inputs
+    o, lse, t = output
+    ctx.mark_non_differentiable(lse, t)
+    ctx.save_for_backward(q, r, k, v, o, lse, t, doc_start, doc_end)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward_rule(ctx, grad_o, grad_lse, grad_t):
+    q, r, k, v, o, lse, t, doc_start, doc_end = ctx.saved_tensors
+    dq, dr, dk, dv = _backward_op(grad_o, q, r, k, v, o, lse, t, doc_start, doc_end, ctx.window, ctx.scale)
+    return dq, dr, dk, dv, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def _document_bounds(cu_seqlens, T):
+    """Per position, the offsets where its document starts and ends (int32, length T each)."""
+    doc = document_ids(cu_seqlens, T)
+    return cu_seqlens[doc], cu_seqlens[doc + 1]
+
+
+def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, scale=None):
+    """Parallax attention through the Triton kernels, differentiable in q, r, k and v.
+
+    q, r: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D) with Hq a multiple of Hkv (GQA/MQA: K and V are
+    never repeated), D in {64, 128}, bf16 or fp16, CUDA (or CPU under TRITON_INTERPRET=1).
+    Causal, end-aligned when Tq < Tk (query i sees keys j <= Tk - Tq + i): that is prefill after a
+    cache. cu_seqlens (int32, N + 1 offsets, B = 1) packs documents that never see each other.
+    window: visible keys including the diagonal (FlashAttention's (left, 0) is window = left + 1).
+    scale multiplies q.k only (default D**-0.5); r.k is not scaled. max_seqlen is accepted for
+    FlashAttention-style call sites and only checked: the kernels derive ranges from cu_seqlens.
+    Returns q's dtype and shape. Saved for backward beyond the inputs and output: O(B * Hq * Tq).
+    """
+    check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=False, dtypes=HALF_DTYPES,
+                  head_dims=SUPPORTED_HEAD_DIMS)
+    if max_seqlen is not None and not (isinstance(max_seqlen, int) and max_seqlen >= 1):
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    doc_start, doc_end = (None, None) if cu_seqlens is None else _document_bounds(cu_seqlens, q.shape[1])
+    o, _, _ = _forward_op(q, r, k, v, doc_start, doc_end, window or 0, scale)
+    return o

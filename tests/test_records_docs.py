@@ -1,0 +1,63 @@
+"""The READMEs quote the records' logs and compare.py's output: the quoted numbers are checked here
+against the logs themselves, read with compare.py."""
+import os
+import re
+
+import pytest
+
+from records import compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPTIME = os.path.join(ROOT, "records", "2026-11-22_steptime-h100")
+PROXY = os.path.join(ROOT, "records", "2026-11-22_parallax-vs-softmax-devdocs")
+
+
+def read(*parts):
+    with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_step_time_table_quotes_the_logs_in_gib():
+    """README.md's step-time table: ms/step and peak allocated memory (GiB = MiB / 1024) of each log."""
+    runs = {os.path.basename(path): compare.parse_log(path) for path in compare.find_logs([STEPTIME])}
+    arms = {"softmax, FlexAttention": "steptime-softmax-pm0.txt",
+            "Parallax, parameter-matched": "steptime-parallax-pm1.txt",
+            "Parallax, drop-in": "steptime-parallax-pm0.txt"}
+    readme = read("README.md")
+    for arm, log in arms.items():
+        row = re.search(rf"^\| {re.escape(arm)} \| ([\d.]+) ms \|.*\| ([\d.]+) (\w+) \|$", readme, re.M)
+        assert row, arm
+        step_ms, memory, unit = float(row[1]), float(row[2]), row[3]
+        assert step_ms == round(runs[log]["step_avg_ms"], 1)
+        assert unit == "GiB" and memory == round(runs[log]["peak_allocated_mib"] / 1024, 1), (arm, memory, unit)
+
+
+def groups_of(folder):
+    runs = [compare.parse_log(path) for path in compare.find_logs([folder])]
+    groups = compare.group_runs([run for run in runs if run["status"] == "complete"])
+    return {tuple(sorted((k, str(v)) for k, v in g["hyperparameters"].items()
+                         if k in ("attention", "optimizer", "param_matched"))): g for g in groups}
+
+
+def test_proxy_study_differences_are_welch_on_the_logs():
+    """Every row of the proxy study's difference table is Welch's test on the logs' final losses,
+    to the digits it prints."""
+    groups = groups_of(os.path.join(PROXY, "logs"))
+
+    def losses(attention, optimizer, matched):
+        key = (("attention", attention), ("optimizer", optimizer), ("param_matched", str(matched)))
+        return [run["final_val_loss"] for run in groups[key]["runs"]]
+
+    rows = {"drop-in vs softmax, Muon": (losses("parallax", "muon", False), losses("softmax", "muon", False)),
+            "param-matched vs softmax, Muon": (losses("parallax", "muon", True), losses("softmax", "muon", False)),
+            "drop-in vs param-matched, Muon": (losses("parallax", "muon", False), losses("parallax", "muon", True)),
+            "drop-in vs softmax, AdamW": (losses("parallax", "adamw", False), losses("softmax", "adamw", False))}
+    readme = read("records", "2026-11-22_parallax-vs-softmax-devdocs", "README.md")
+    for name, (a, b) in rows.items():
+        row = re.search(rf"^\| {re.escape(name)} \| ([-+\d.]+) \| ([-\d.]+) \| ([\d.]+) \| ([\d.]+)", readme, re.M)
+        assert row, name
+        t, df, p = compare.welch_t_test(a, b)
+        difference = sum(a) / len(a) - sum(b) / len(b)
+        assert float(row[1]) == pytest.approx(difference, abs=1e-4)
+        assert float(row[2]) == pytest.approx(t, abs=0.01) and float(row[3]) == pytest.approx(df, abs=0.05)
+        assert float(row[4]) == pytest.approx(p, abs=0.005)
