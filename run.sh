@@ -8,16 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-# Data: without TRAIN_FILES, train on FineWeb, fetching its shards when they are not here yet.
-if [[ -z "${TRAIN_FILES:-}" ]]; then
-    if ! compgen -G "data/fineweb10B/fineweb_train_*.bin" >/dev/null \
-        || ! compgen -G "data/fineweb10B/fineweb_val_*.bin" >/dev/null; then
-        echo "no FineWeb shards in data/fineweb10B/: fetching them (python data/cached_fineweb10B.py)"
-        "$PYTHON" data/cached_fineweb10B.py
-    fi
-fi
-
-# GPUs: every one, up to 8; the world size must divide 8 (gradient accumulation makes up the rest).
+# GPUs first, so that a machine without one fails before any download. Every one, up to 8; the world
+# size must divide 8 (gradient accumulation makes up the rest).
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -34,6 +26,15 @@ for nproc in 8 4 2 1; do
 done
 if ((nproc != gpus)); then
     echo "using $nproc of the $gpus GPUs (the world size must divide 8)"
+fi
+
+# Data: without TRAIN_FILES, train on FineWeb, fetching its shards when they are not here yet.
+if [[ -z "${TRAIN_FILES:-}" ]]; then
+    if ! compgen -G "data/fineweb10B/fineweb_train_*.bin" >/dev/null \
+        || ! compgen -G "data/fineweb10B/fineweb_val_*.bin" >/dev/null; then
+        echo "no FineWeb shards in data/fineweb10B/: fetching them (python data/cached_fineweb10B.py)"
+        "$PYTHON" data/cached_fineweb10B.py
+    fi
 fi
 
 if command -v torchrun >/dev/null 2>&1; then

@@ -14,8 +14,9 @@ training. Parallax adds one projection r shaped like q (own RMS norm, q's rotary
 Hyperparameters live in the dataclass below. Every field can be overridden by an environment variable
 of its upper-case name; the ones meant for it: TRAIN_FILES, VAL_FILES (glob patterns), NUM_ITERATIONS,
 SEED, ATTENTION (parallax|softmax), PARAM_MATCHED (0|1), OPTIMIZER (muon|adamw), RUN_NAME, VAL_TOKENS,
-VAL_EVERY (0: only at the end), SAVE_EVERY. SMOKE=1 first switches to a tiny CPU configuration
-(2 layers of width 64, reference attention, 30 steps of 512 tokens; gloo when run under torchrun).
+VAL_EVERY (0: only at the start and the end), SAVE_EVERY, RESUME (a checkpoint), OVERWRITE (0|1). A variable
+one typo away from a field's name is an error. SMOKE=1 first switches to a tiny CPU configuration (2
+layers of width 64, reference attention, 30 steps of 512 tokens; gloo when run under torchrun).
 
 Batch: the global batch is `micro_batches` sequences of `seq_len` tokens (8 x 64K by default, the
 records' 8-GPU configuration). Each of W ranks (W divides micro_batches) runs micro_batches / W
@@ -24,8 +25,13 @@ same order.
 
 Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of this file and of the
 modules it trains with (LOGGED_SOURCES), versions and GPU, then `step:N/T val_loss:X train_time:Yms
-step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory) and
-checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0).
+step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory, or with a `stopped:`
+line) and checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0). A
+run name that already has a log or checkpoints is refused unless OVERWRITE=1. The run stops (exit 1)
+when a validation loss is not finite, or, after the first tenth of the steps, no better than the
+untrained model's at step 0. SIGINT or SIGTERM checkpoints the current step and stops (exit 128 + the
+signal); every checkpoint holds the optimizer states, and RESUME=<checkpoint> continues its run to the
+same losses.
 """
 import argparse
 import codecs
@@ -36,6 +42,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +61,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from gpt2_data import BOS, DATA_HINT, GPT2_VOCAB, HEADER_BYTES, load_gpt2_encoding, read_shard_header
 from parallax_kernels import document_ids, parallax_attn, parallax_decode, parallax_reference, visible
+from safeguards import (InterruptRequests, check_for_misspelled_settings, cpu_copy, describe_payload, divergence,
+                        first_few, sampling_arguments_problem, state_dict_mismatch)
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -61,7 +70,7 @@ from parallax_kernels import document_ids, parallax_attn, parallax_decode, paral
 
 @dataclass
 class Hyperparameters:
-    run_name: str = ""  # names logs/<run-id>.txt and checkpoints/<run-id>/; default <attention>-<random hex>
+    run_name: str = ""  # names logs/<run-id>.txt, checkpoints/<run-id>/; default <attention>-<hex>, or RESUME's run
     seed: int = 0  # model initialization (the data order is fixed)
     # data: modded-nanoGPT shards (see gpt2_data.py)
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
@@ -108,8 +117,10 @@ class Hyperparameters:
     adamw_lr: float = 0.0018  # hidden matrices when optimizer == "adamw" (llm.c's GPT-2 124M rate)
     weight_decay: float = 0.0
     # evaluation, checkpoints, implementation
-    val_every: int = 125  # validate every this many steps and at the end (0: only at the end)
+    val_every: int = 125  # validate every this many steps, at step 0 and at the end (0: only at 0 and the end)
     save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
+    resume: str = ""  # a checkpoint to continue from (model, optimizer states, step, data position)
+    overwrite: bool = False  # replace the log and checkpoints of a run of the same name (else it is refused)
     compile: bool = True  # torch.compile the model on CUDA
     smoke: bool = False  # the tiny CPU configuration below
 
@@ -123,6 +134,7 @@ SMOKE_CONFIG = dict(
 
 def hyperparameters_from_env(environ) -> Hyperparameters:
     """The defaults, then SMOKE=1's configuration, then one override per upper-case field name set."""
+    check_for_misspelled_settings(environ, [field.name.upper() for field in fields(Hyperparameters)])
     hp = Hyperparameters()
     if "SMOKE" in environ and _parse_env("SMOKE", environ["SMOKE"], False):
         hp = replace(hp, **SMOKE_CONFIG)
@@ -177,8 +189,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int):
 # Data: shards and the distributed loader
 
 
-def load_shard(path, pin_memory=False) -> Tensor:
-    """The uint16 tokens of one shard (format: gpt2_data.py)."""
+def load_shard(path, pin_memory=False, vocab_size: int | None = None) -> Tensor:
+    """The uint16 tokens of one shard (format: gpt2_data.py); with vocab_size, every token id must be
+    below it (an embedding lookup would fail mid-run)."""
     num_tokens = read_shard_header(path)
     tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
     target = memoryview(tokens.numpy()).cast("B")  # read straight into the (pinned) tensor
@@ -190,22 +203,36 @@ def load_shard(path, pin_memory=False) -> Tensor:
             if not count:
                 raise ValueError(f"{path}: truncated while reading (got {done} of {len(target)} bytes)")
             done += count
+    if vocab_size is not None:
+        check_token_ids(path, tokens, vocab_size)
     return tokens
+
+
+def check_token_ids(path, tokens: Tensor, vocab_size: int):
+    largest = int(tokens.numpy().max()) if tokens.numel() else 0
+    if largest >= vocab_size:
+        raise ValueError(f"{path}: token id {largest} is outside the vocabulary ({vocab_size} ids): not GPT-2 "
+                         "tokens; re-tokenize the text with data/tokenize_text.py, or set VOCAB_SIZE above it")
 
 
 def shard_files(pattern: str) -> list:
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no shards match {pattern!r}; {DATA_HINT}")
+    folders = [f for f in files if os.path.isdir(f)]
+    if folders:
+        raise ValueError(f"{pattern!r} matches the folder {folders[0]}, not only shard files; make the pattern "
+                         "name the .bin files (e.g. end it in *.bin)")
     return files
 
 
 class TokenStream:
     """The tokens of a list of shards read in order as one stream; the next shard loads in the background."""
 
-    def __init__(self, files, pin_memory=False):
+    def __init__(self, files, pin_memory=False, vocab_size: int | None = None):
         self._files = deque(files)
         self._pin_memory = pin_memory
+        self._vocab_size = vocab_size
         self._loader = ThreadPoolExecutor(max_workers=1)
         self._pending = None
         self._chunks = deque()  # loaded shards, the first one read from self._pos on
@@ -213,7 +240,7 @@ class TokenStream:
         self._request_next_shard()
 
     def _request_next_shard(self):
-        self._pending = (self._loader.submit(load_shard, self._files.popleft(), self._pin_memory)
+        self._pending = (self._loader.submit(load_shard, self._files.popleft(), self._pin_memory, self._vocab_size)
                          if self._files else None)
 
     def read(self, n) -> Tensor | None:
@@ -260,16 +287,16 @@ def document_boundaries(inputs: Tensor, max_doc_len: int = 0) -> Tensor:
 
 
 def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size: int, *, max_doc_len: int = 0,
-                               device="cpu"):
+                               device="cpu", vocab_size: int | None = None):
     """Yield this rank's micro-batches: each call consumes world_size * seq_len tokens of the stream, of
     which rank r takes [r * seq_len, (r + 1) * seq_len), so ranks never share a token. Targets are the
     stream shifted by one, across documents too: the last target of a document is the next one's BOS
     (as the speedrun does; the model learns where documents end). Deterministic: no shuffling. Stops
-    when the shards run out."""
+    when the shards run out. With vocab_size, each shard's token ids are checked as it loads."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     device = torch.device(device)
-    stream = TokenStream(shard_files(pattern), pin_memory=device.type == "cuda")
+    stream = TokenStream(shard_files(pattern), pin_memory=device.type == "cuda", vocab_size=vocab_size)
     step_tokens = world_size * seq_len
     while (window := stream.read(step_tokens + 1)) is not None:
         local = window[rank * seq_len:(rank + 1) * seq_len + 1].to(torch.int32)
@@ -280,12 +307,13 @@ def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size
                     cu_seqlens.to(device, non_blocking=True))
 
 
-def validation_batches(pattern: str, val_tokens: int, seq_len: int, rank: int, world_size: int, *, device="cpu"):
+def validation_batches(pattern: str, val_tokens: int, seq_len: int, rank: int, world_size: int, *, device="cpu",
+                       vocab_size: int | None = None):
     """This rank's share of the first val_tokens tokens (a multiple of world_size * seq_len)."""
     if val_tokens % (world_size * seq_len):
         raise ValueError(f"val_tokens={val_tokens} is not a multiple of world_size * seq_len = "
                          f"{world_size} * {seq_len}")
-    batches = distributed_data_generator(pattern, seq_len, rank, world_size, device=device)
+    batches = distributed_data_generator(pattern, seq_len, rank, world_size, device=device, vocab_size=vocab_size)
     return itertools.islice(batches, val_tokens // (world_size * seq_len))
 
 
@@ -589,18 +617,29 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int):
-    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int, training_state: dict | None = None):
+    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True.
+    training_state (optimizer states and the like, see Trainer.save) makes it resumable. Temporary files that
+    an interrupted write left in the folder are removed first."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        os.remove(stale)
     payload = dict(kind=CHECKPOINT_KIND, step=step, hyperparameters=asdict(hp), model_config=asdict(model.config),
-                   model={name: t.detach().cpu() for name, t in model.state_dict().items()})
+                   model={name: t.detach().cpu() for name, t in model.state_dict().items()}, **(training_state or {}))
     temporary = f"{path}.tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_checkpoint(path: str) -> tuple:
     """(GPT on the CPU, the checkpoint dict); CheckpointError with one line on any problem."""
+    if path.endswith(".tmp"):
+        raise CheckpointError(f"{path}: an unfinished checkpoint write, not a checkpoint; use a state_step<N>.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -608,14 +647,37 @@ def load_checkpoint(path: str) -> tuple:
     except Exception as err:
         raise CheckpointError(f"{path}: not a checkpoint torch can load ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (no model config in it)")
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload, CHECKPOINT_KIND)}")
     try:
         model = GPT(GPTConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model"])
-    except (TypeError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: does not match this train_gpt.py's model "
-                              f"({str(err).splitlines()[0]})") from None
+    except TypeError as err:
+        raise CheckpointError(f"{path}: its model config does not fit this train_gpt.py's GPTConfig ({err})") from None
+    if mismatch := state_dict_mismatch(model, payload["model"]):
+        raise CheckpointError(f"{path}: does not match this train_gpt.py's model: {mismatch}")
+    model.load_state_dict(payload["model"])
     return model, payload
+
+
+RESUME_MAY_CHANGE = {"run_name", "resume", "overwrite", "val_every", "save_every", "compile"}
+
+
+def load_resume_checkpoint(hp: Hyperparameters, world_size: int) -> dict:
+    """The checkpoint RESUME names, checked before anything is written: resumable (optimizer states in
+    it), written by as many ranks, and trained with these hyperparameters (all but RESUME_MAY_CHANGE)."""
+    _, payload = load_checkpoint(hp.resume)
+    if "optimizers" not in payload:
+        raise CheckpointError(f"{hp.resume}: holds no optimizer states (an older train_gpt.py wrote it); it can be "
+                              "sampled from, not resumed")
+    if len(payload["optimizers"]) != world_size:
+        raise CheckpointError(f"{hp.resume}: written by {len(payload['optimizers'])} rank(s); resume it on as many "
+                              f"(Muon's momentum is split over the ranks), not {world_size}")
+    saved = payload["hyperparameters"]
+    differences = [f"{name.upper()}={saved.get(name)!r} there, {value!r} here" for name, value in asdict(hp).items()
+                   if name not in RESUME_MAY_CHANGE and json.dumps(saved.get(name)) != json.dumps(value)]
+    if differences:
+        raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
+                              "they were to resume")
+    return payload
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,11 +687,11 @@ def load_checkpoint(path: str) -> tuple:
 class RunLog:
     """logs/<run-id>.txt, written by rank 0 only; echo=True also prints the line."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         self.file = None
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "w")
+            self.file = open(path, "a" if append else "w")
 
     def write(self, text: str, echo: bool = False):
         if self.file is None:
@@ -662,7 +724,7 @@ def environment_report() -> str:
 
 # The code a training run executes: this file and the project modules it trains with.
 LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
-                  "parallax_reference.py", "muon.py")
+                  "parallax_reference.py", "muon.py", "safeguards.py")
 
 
 def write_log_header(log: RunLog, hp: Hyperparameters):
@@ -755,9 +817,66 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def run_paths(run_name: str) -> tuple:
+    """(its log, its checkpoint folder)."""
+    return f"logs/{run_name}.txt", os.path.join("checkpoints", run_name)
+
+
+def claim_run_name(hp: Hyperparameters, continuing: bool, master: bool):
+    """A run never replaces another: a run name with a log or checkpoints is refused, unless this run
+    continues it (RESUME) or OVERWRITE=1 asks to replace it (rank 0 then removes its log and checkpoints)."""
+    log_path, checkpoint_dir = run_paths(hp.run_name)
+    taken = os.path.exists(log_path) or bool(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*")))
+    if not taken or continuing:
+        return
+    if not hp.overwrite:
+        raise ValueError(f"run name {hp.run_name!r} is taken ({log_path} or {checkpoint_dir}/ exists): choose "
+                         "another RUN_NAME, continue that run with RESUME=<one of its checkpoints>, or replace it "
+                         "with OVERWRITE=1")
+    if master:
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
+    """Checks before anything is written (enough tokens, the RESUME checkpoint, a free run name); returns
+    hp with its run name (by default a resumed run keeps its own) and the resume checkpoint (or None)."""
+    check_enough_tokens(hp.train_files, hp.num_iterations * hp.micro_batches * hp.seq_len + 1,
+                        f"{hp.num_iterations} steps of {hp.micro_batches} x {hp.seq_len} tokens")
+    check_enough_tokens(hp.val_files, hp.val_tokens + 1, f"val_tokens={hp.val_tokens} (plus one target)")
+    resumed = load_resume_checkpoint(hp, world_size) if hp.resume else None
+    resumed_name = resumed["hyperparameters"]["run_name"] if resumed else None
+    hp = replace(hp, run_name=hp.run_name or resumed_name or f"{hp.attention}-{uuid.uuid4().hex[:8]}")
+    claim_run_name(hp, continuing=hp.run_name == resumed_name, master=rank == 0)
+    if world_size > 1:
+        dist.barrier()  # every rank has looked before rank 0 creates the log
+    return hp, resumed
+
+
+def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> RunLog:
+    """A new log with the header; a run resumed under its own name appends to its log instead."""
+    path = run_paths(hp.run_name)[0]
+    appending = resumed is not None and hp.run_name == resumed["hyperparameters"]["run_name"]
+    log = RunLog(path if master else None, append=appending)
+    if master:
+        print(f"logging to {path}", flush=True)
+    if not appending:
+        write_log_header(log, hp)
+    if resumed is not None:
+        log.write(f"resumed from {hp.resume} at step {resumed['step']}", echo=True)
+    return log
+
+
+def skip_batches(batches, count: int):
+    """Consume count batches: the loader is deterministic, so a resumed run's data position is its step."""
+    for _ in itertools.islice(batches, count):
+        pass
+
+
 def train(hp: Hyperparameters) -> int:
-    """Run one training job (a torchrun worker, or a lone process without a process group); 0, or 1 when
-    the loss became non-finite."""
+    """Run one training job (a torchrun worker, or a lone process without a process group); 0, 1 when the
+    run diverged, 128 + the signal's number when interrupted (after saving a checkpoint)."""
     distributed = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -769,14 +888,24 @@ def train(hp: Hyperparameters) -> int:
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
-        return _train(hp, rank, world_size, device)
+        hp, resumed = begin_run(hp, rank, world_size)
+        log = open_run_log(hp, resumed, master=rank == 0)
+        try:
+            with InterruptRequests(world_size, device) as interrupts:
+                return _train(hp, rank, world_size, device, log, resumed, interrupts)
+        except BaseException as err:  # data errors and the like: the log says the run stopped
+            log.write(f"stopped: {type(err).__name__}: {err}")
+            raise
+        finally:
+            log.close()
     finally:
         if distributed:
             dist.destroy_process_group()
 
 
 class Trainer:
-    """One rank's model, compiled step and optimizers: a training step, validation and the warm-up."""
+    """One rank's model, compiled step and optimizers: a training step, validation, the warm-up, and the
+    checkpoints that resume them."""
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
         self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
@@ -797,7 +926,7 @@ class Trainer:
     def train_batches(self):
         hp = self.hp
         return distributed_data_generator(hp.train_files, hp.seq_len, self.rank, self.world_size,
-                                          max_doc_len=hp.max_doc_len, device=self.device)
+                                          max_doc_len=hp.max_doc_len, device=self.device, vocab_size=hp.vocab_size)
 
     def loss(self, batch: Batch, step: int) -> Tensor:
         if self.compiled is not self.model:
@@ -839,7 +968,7 @@ class Trainer:
     def evaluate(self, step: int, max_batches=None) -> float:
         hp = self.hp
         batches = validation_batches(hp.val_files, hp.val_tokens, hp.seq_len, self.rank, self.world_size,
-                                     device=self.device)
+                                     device=self.device, vocab_size=hp.vocab_size)
         val_loss = torch.stack([self.loss(batch, step) for batch in itertools.islice(batches, max_batches)]).mean()
         all_reduce_mean_([val_loss], self.world_size)
         return val_loss.item()
@@ -869,17 +998,40 @@ class Trainer:
         if master:
             print(f"warm-up done in {time.perf_counter() - start:.0f}s", flush=True)
 
+    def optimizer_states(self) -> list | None:
+        """Collective. On rank 0, per rank, the state dict of each optimizer (None on the other ranks).
+        Muon's momentum is split over the ranks (see muon.py), so every rank's Muon state is kept; the
+        other optimizers hold the same state on every rank and are kept from rank 0 only (None elsewhere).
+        The r gains' and W_r's groups (see regroup) are ordinary groups of these state dicts, in an order
+        that make_optimizers builds the same way every time."""
+        local = [cpu_copy(optimizer.state_dict()) if optimizer is self.muon or self.rank == 0 else None
+                 for optimizer in self.optimizers]
+        if self.world_size == 1:
+            return [local]
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        return gathered
 
-def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device) -> int:
+    def save(self, step: int, **training_state) -> str:
+        """Collective: the resumable checkpoint of this step (the model, every rank's optimizer states and
+        training_state), written by rank 0; returns its path."""
+        states = self.optimizer_states()
+        path = checkpoint_path(self.hp, step)
+        if self.rank == 0:
+            save_checkpoint(path, self.model, self.hp, step, dict(optimizers=states, **training_state))
+        return path
+
+    def restore(self, checkpoint: dict):
+        """The model and optimizer states of a checkpoint that save wrote (after the warm-up, which restores
+        the states it found)."""
+        self.model.load_state_dict(checkpoint["model"])
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer.load_state_dict(checkpoint["optimizers"][self.rank if optimizer is self.muon else 0][i])
+
+
+def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog, resumed: dict | None,
+           interrupts: InterruptRequests) -> int:
     master = rank == 0
-    check_enough_tokens(hp.train_files, hp.num_iterations * hp.micro_batches * hp.seq_len + 1,
-                        f"{hp.num_iterations} steps of {hp.micro_batches} x {hp.seq_len} tokens")
-    check_enough_tokens(hp.val_files, hp.val_tokens + 1, f"val_tokens={hp.val_tokens} (plus one target)")
-    hp = replace(hp, run_name=hp.run_name or f"{hp.attention}-{uuid.uuid4().hex[:8]}")
-    log = RunLog(f"logs/{hp.run_name}.txt" if master else None)
-    if master:
-        print(f"logging to logs/{hp.run_name}.txt", flush=True)
-    write_log_header(log, hp)
     trainer = Trainer(hp, rank, world_size, device)
     model = trainer.model
     log.write(f"model: {sum(p.numel() for p in model.parameters()):,} parameters "
@@ -888,38 +1040,56 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
               f"of {hp.seq_len} tokens per step; device {device}", echo=True)
     if trainer.compiled is not model:
         trainer.warm_up(master)
-    status = training_loop(trainer, log, master)
+    if resumed is not None:
+        trainer.restore(resumed)
+    status = training_loop(trainer, log, master, interrupts, resumed)
     if status == 0:
-        if master:
-            path = checkpoint_path(hp, hp.num_iterations)
-            save_checkpoint(path, model, hp, hp.num_iterations)
-            print(f"checkpoint: {path}", flush=True)
         allocated, reserved = peak_memory(device)
         log.write(f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB", echo=True)
-    log.close()
     return status
 
 
-def training_loop(trainer: Trainer, log: RunLog, master: bool) -> int:
-    """Validate every val_every steps and at the end, train num_iterations steps, checkpoint every
-    save_every; the clock (train_time) stops for validation and checkpoints. 1 when the loss is not finite."""
+def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: InterruptRequests | None = None,
+                  resumed: dict | None = None) -> int:
+    """Validate at step 0, every val_every steps and at the end, train num_iterations steps (from a
+    resumed checkpoint's step on), checkpoint every save_every and at the end; the clock (train_time)
+    stops for validation and checkpoints. 0 when done, 1 when the run diverged (see divergence) or the
+    loss is not finite, 128 + the signal's number when interrupted (after checkpointing the step)."""
     hp, device = trainer.hp, trainer.device
     batches = trainer.train_batches()
-    last_checkpoint = None
-    training_time_ms = 0.0
+    start_step = resumed["step"] if resumed else 0
+    skip_batches(batches, start_step * trainer.grad_accum)  # the loader is deterministic
+    untrained_val_loss = resumed["untrained_val_loss"] if resumed else None  # measured at step 0
+    training_time_ms = resumed["train_time_ms"] if resumed else 0.0
+    last_checkpoint = last_good_checkpoint = hp.resume or None
+    no_checkpoint = "none saved (set SAVE_EVERY to keep some)"
+
+    def save(step: int) -> str:
+        return trainer.save(step, untrained_val_loss=untrained_val_loss, train_time_ms=training_time_ms)
+
     synchronize(device)
     t0 = time.perf_counter()
-    for step in range(hp.num_iterations + 1):
+    for step in range(start_step, hp.num_iterations + 1):
         last_step = step == hp.num_iterations
-        if last_step or (hp.val_every > 0 and step % hp.val_every == 0):
+        if last_step or step == 0 or (hp.val_every > 0 and step % hp.val_every == 0):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             val_loss = trainer.evaluate(step)
             log.write(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                       f"step_avg:{training_time_ms / max(step, 1):.2f}ms", echo=True)
+            if step == 0:
+                untrained_val_loss = val_loss
+            if why := divergence(step, val_loss, untrained_val_loss, hp.num_iterations):
+                log.write(f"stopped: step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} {why}: diverged. Last "
+                          f"good checkpoint: {last_good_checkpoint or no_checkpoint}", echo=True)
+                return 1
+            last_good_checkpoint = last_checkpoint
             synchronize(device)
             t0 = time.perf_counter()
         if last_step:
+            path = save(step)
+            if master:
+                print(f"checkpoint: {path}", flush=True)
             return 0
 
         try:
@@ -928,8 +1098,8 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool) -> int:
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss):
-            log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last good "
-                      f"checkpoint: {last_checkpoint or 'none saved (set SAVE_EVERY to keep some)'}", echo=True)
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
+                      f"good checkpoint: {last_checkpoint or no_checkpoint}", echo=True)
             return 1
         log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
@@ -937,14 +1107,19 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool) -> int:
         if hp.save_every > 0 and (step + 1) % hp.save_every == 0 and step + 1 < hp.num_iterations:
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            if master:
-                last_checkpoint = checkpoint_path(hp, step + 1)
-                save_checkpoint(last_checkpoint, trainer.model, hp, step + 1)
+            last_checkpoint = save(step + 1)
             t0 = time.perf_counter()
+        if step + 1 < hp.num_iterations and interrupts and (signal_number := interrupts.agreed(step + 1)):
+            synchronize(device)
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            path = last_checkpoint if last_checkpoint == checkpoint_path(hp, step + 1) else save(step + 1)
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} interrupted by "
+                      f"{signal.Signals(signal_number).name}; saved {path}; continue with RESUME={path}", echo=True)
+            return 128 + signal_number
 
 
 def checkpoint_path(hp: Hyperparameters, step: int) -> str:
-    return os.path.join("checkpoints", hp.run_name, f"state_step{step:06d}.pt")
+    return os.path.join(run_paths(hp.run_name)[1], f"state_step{step:06d}.pt")
 
 
 def peak_memory(device: torch.device) -> tuple:
@@ -1216,8 +1391,8 @@ def main(argv=None) -> int:
     sample.add_argument("--bpe-file", help="local GPT-2 ranks file in tiktoken's format, to work offline")
     args = parser.parse_args(argv)
     if args.command == "sample":
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            parser.error("--num-samples and --max-new-tokens must be at least 1")
+        if problem := sampling_arguments_problem(args):
+            parser.error(problem)
         return sample_main(args)
     try:
         return train(hyperparameters_from_env(os.environ))

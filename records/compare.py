@@ -14,6 +14,7 @@ Log lines read (everything else, such as the code and version sections, is ignor
     step:N/T val_loss:X train_time:Yms step_avg:Zms
     step:N/T train_loss:X train_time:Yms step_avg:Zms
     peak memory allocated: X MiB reserved: Y MiB
+    stopped: <why the run stopped before its last step>
 """
 
 import argparse
@@ -27,7 +28,9 @@ LOG_SUFFIXES = (".txt", ".log")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\S+)ms step_avg:(\S+)ms")
 PEAK_MEMORY_LINE = re.compile(r"^peak memory allocated: (\S+) MiB reserved: (\S+) MiB")
 HYPERPARAMETERS_PREFIX = "hyperparameters: "
-PER_RUN_KEYS = ("seed", "run_name")  # hyperparameters that differ between the seeds of one configuration
+STOPPED_PREFIX = "stopped: "
+# hyperparameters that differ between the runs of one configuration: its seeds, and how each run was started
+PER_RUN_KEYS = ("seed", "run_name", "resume", "overwrite")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,10 +121,12 @@ def parse_log(path):
     attention, optimizer, param_matched, seed (None when absent), val and train (lists of
     (step, loss)), num_iterations, last_step, train_time_ms and step_avg_ms (of the last step line),
     peak_allocated_mib, peak_reserved_mib, final_val_loss (the val loss at step num_iterations, None
-    when the run did not get there) and status ("complete", "incomplete: ...", or "not a run log").
+    when the run did not get there) and status ("complete", "stopped: <why>", "incomplete: ...", or "not a
+    run log").
     """
     run = {"path": path, "hyperparameters": None, "val": [], "train": [], "num_iterations": None, "last_step": None,
            "train_time_ms": None, "step_avg_ms": None, "peak_allocated_mib": None, "peak_reserved_mib": None}
+    stopped = None  # the last "stopped:" line's reason
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.startswith(HYPERPARAMETERS_PREFIX) and run["hyperparameters"] is None:
@@ -140,6 +145,8 @@ def parse_log(path):
                 run["val" if match[3] == "val_loss" else "train"].append((step, loss))
                 run["num_iterations"], run["last_step"] = int(match[2]), step
                 run["train_time_ms"], run["step_avg_ms"] = train_time, step_avg
+            elif line.startswith(STOPPED_PREFIX):
+                stopped = line[len(STOPPED_PREFIX):].strip()
             elif match := PEAK_MEMORY_LINE.match(line):
                 try:
                     run["peak_allocated_mib"], run["peak_reserved_mib"] = float(match[1]), float(match[2])
@@ -156,6 +163,8 @@ def parse_log(path):
     if run["hyperparameters"] is None:
         has_steps = run["val"] or run["train"]
         run["status"] = "incomplete: no hyperparameters line" if has_steps else "not a run log"
+    elif not reached_end and stopped is not None:
+        run["status"] = f"stopped: {stopped}"
     elif last_val_step is None:
         run["status"] = "incomplete: no val_loss line"
     elif not reached_end:
