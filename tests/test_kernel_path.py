@@ -36,11 +36,6 @@ def route_through_kernels(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    return route_through_kernels(monkeypatch)
-
-
 def loss_and_grads(model, tokens, cu_seqlens):
     model.zero_grad(set_to_none=True)
     loss = model(tokens, tokens.roll(-1).long(), cu_seqlens=cu_seqlens)
@@ -88,7 +83,7 @@ def test_generation_through_kernels_matches_reference(monkeypatch):
     model = tiny_model("parallax", seed=4)
     short = [PROMPTS[0], PROMPTS[2]] + [[tg.BOS] + list(range(200, 240))]
     want = tg.generate(model, short, 14, stop_token=None).tokens  # the reference first
-    kernel_calls = route_through_kernels(monkeypatch)
+    calls = route_through_kernels(monkeypatch)
     got = tg.generate(model, short, 14, stop_token=None).tokens
-    assert kernel_calls["attn"] == model.config.num_layers and kernel_calls["decode"] == 13 * model.config.num_layers
+    assert calls["attn"] == model.config.num_layers and calls["decode"] == 13 * model.config.num_layers
     assert got == want

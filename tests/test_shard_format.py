@@ -5,7 +5,6 @@ import struct
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import gpt2_data
