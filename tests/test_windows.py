@@ -8,7 +8,8 @@ import torch
 
 import parallax_attn_triton
 import parallax_decode
-from parallax_decode import parallax_decode_reference, parallax_decode_triton
+from parallax_decode import parallax_decode_triton
+from test_decode import make_inputs, reference, rel_error
 from test_parallax_kernels import check_against_reference
 
 CUDA = torch.cuda.is_available()
@@ -86,10 +87,8 @@ def test_window_edges_gpu(head_dim, dtype):
 # -- decode -----------------------------------------------------------------------------------------
 
 def decode_inputs(lengths, kv_heads, group, head_dim, dtype, device):
-    B, Lmax = len(lengths), max(lengths)
-    q, r = (torch.randn(B, 1, kv_heads * group, head_dim).to(device, dtype) for _ in range(2))
-    k, v = (torch.randn(B, Lmax, kv_heads, head_dim).to(device, dtype) for _ in range(2))
-    return q, r, k, v, torch.tensor(lengths, dtype=torch.int32, device=device)
+    """test_decode's inputs, drawn from a seed of torch's generator (seeded per test by the conftest)."""
+    return make_inputs(lengths, kv_heads, group, head_dim, dtype, device, seed=int(torch.randint(0, 2**31, ())))
 
 
 def decode_edges(block):
@@ -101,9 +100,8 @@ def decode_edges(block):
 
 
 def decode_error(out, q, r, k, v, lengths, window, scale):
-    ref = parallax_decode_reference(*(x.float() for x in (q, r, k, v)), lengths, window, scale)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
-    return ((out.float() - ref).norm() / ref.norm()).item()
+    return rel_error(out, reference(q, r, k, v, lengths, window, scale))
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter case")
