@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
-from compare import parse_log, welch_t_test  # noqa: E402  (records/compare.py)
+from compare import find_logs, parse_log, welch_t_test  # noqa: E402  (records/compare.py)
 
 # The proxy of the 2026-11-22 study: 6 layers of width 384, 3 heads of 128, 400 steps of 16K tokens, eager.
 PROXY = dict(NUM_LAYERS=6, MODEL_DIM=384, NUM_HEADS=3, HEAD_DIM=128, SEQ_LEN=16384, MICRO_BATCHES=1,
@@ -120,15 +120,6 @@ def run_waves(waves, data, gpus, per_gpu, until, expected_s, skip=0):
         time.sleep(2)
 
 
-def load_runs(log_dirs):
-    runs = []
-    for log_dir in log_dirs:
-        for name in sorted(os.listdir(log_dir)):
-            if name.endswith(".txt"):
-                runs.append(parse_log(os.path.join(log_dir, name)))
-    return runs
-
-
 def arm_of(run):
     """(wave, arm) from a run name wave-arm-sSEED."""
     wave, rest = run["run_name"].split("-", 1)
@@ -143,7 +134,7 @@ def mean_std(values):
 
 def table(log_dirs):
     by_arm = {}
-    for run in load_runs(log_dirs):
+    for run in map(parse_log, find_logs(log_dirs)):
         if run["status"] == "complete":
             by_arm.setdefault(arm_of(run), []).append(run)
     for wave in dict.fromkeys(w for w, _ in by_arm):
