@@ -372,7 +372,7 @@ def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, 
     Returns q's dtype and shape. Saved for backward beyond the inputs and output: O(B * Hq * Tq).
     """
     check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=False, dtypes=HALF_DTYPES,
-                  head_dims=SUPPORTED_HEAD_DIMS)
+                 head_dims=SUPPORTED_HEAD_DIMS)
     if max_seqlen is not None and not (isinstance(max_seqlen, int) and max_seqlen >= 1):
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

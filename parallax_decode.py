@@ -137,8 +137,8 @@ def check_decode_inputs(q, r, k_cache, v_cache, cache_seqlens, window, scale, ou
         raise ValueError(f"q must have shape (B, 1, Hq, D) (one query per row), got {tuple(q.shape)}")
     on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
     check_shapes(q, r, k_cache, v_cache, None, window, scale, allow_cpu=True,
-                  dtypes=HALF_DTYPES + ((torch.float32,) if on_cpu else ()), head_dims=SUPPORTED_HEAD_DIMS,
-                  names=("k_cache", "v_cache"))
+                 dtypes=HALF_DTYPES + ((torch.float32,) if on_cpu else ()), head_dims=SUPPORTED_HEAD_DIMS,
+                 names=("k_cache", "v_cache"))
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     B, _, Hq, D = q.shape
