@@ -1049,8 +1049,8 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     return status
 
 
-def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: InterruptRequests | None = None,
-                  resumed: dict | None = None) -> int:
+def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: InterruptRequests,
+                  resumed: dict | None) -> int:
     """Validate at step 0, every val_every steps and at the end, train num_iterations steps (from a
     resumed checkpoint's step on), checkpoint every save_every and at the end; the clock (train_time)
     stops for validation and checkpoints. 0 when done, 1 when the run diverged (see divergence) or the
@@ -1109,7 +1109,7 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
             training_time_ms += 1000 * (time.perf_counter() - t0)
             last_checkpoint = save(step + 1)
             t0 = time.perf_counter()
-        if step + 1 < hp.num_iterations and interrupts and (signal_number := interrupts.agreed(step + 1)):
+        if step + 1 < hp.num_iterations and (signal_number := interrupts.agreed(step + 1)):
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             path = last_checkpoint if last_checkpoint == checkpoint_path(hp, step + 1) else save(step + 1)
