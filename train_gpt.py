@@ -92,8 +92,8 @@ class Hyperparameters:
     attn_scale: float = 0.12  # multiplies q.k (r.k is not scaled); the records' value for QK-normed heads
     # Parallax's probe r = gain * rotary(norm(W_r x)). "head": a learnable scalar per head, from 0, so that
     # training starts exactly at softmax attention; "channel": one per head and channel; "none": no gain
-    # (the paper authors' r, the model of the 2026-11-22 records). Evidence for "head" at 0 with these rates:
-    # records/2026-11-30_parallax-r-study/ (best of 9 variants; -0.044 nats against softmax on fresh seeds).
+    # (the paper authors' r, the model of the 2026-11-22 records). "head" at 0 with these rates is the variant
+    # records/2026-11-30_parallax-r-study/ chose (its README has the evidence).
     r_gain: str = "head"
     r_gain_init: float = 0.0
     r_gain_lr: float = 0.04  # Adam learning rate of the gain
