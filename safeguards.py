@@ -44,8 +44,8 @@ INTERRUPT_CHECK_EVERY = 10  # steps between the ranks' agreement on an interrupt
 class InterruptRequests:
     """While training, SIGINT and SIGTERM only set a flag, and the loop checkpoints and stops at a step
     boundary where the ranks agree. A second signal changes nothing (torchrun follows a Ctrl-C with
-    SIGTERM). Several ranks all-reduce the flag every INTERRUPT_CHECK_EVERY steps, so no step waits on
-    the host for it."""
+    SIGTERM). Several ranks all-reduce the flag and read it on the host only every INTERRUPT_CHECK_EVERY
+    steps, so the other steps add no collective or host sync for it."""
 
     def __init__(self, world_size: int, device: torch.device):
         self.world_size, self.device = world_size, device
