@@ -63,7 +63,7 @@ WAVES = {
     # the second corpus, untuned: the winner as chosen on devdocs
     "corpus2": (dict(CORPUS="corpus2"), [(arm, seed) for seed in (0, 1, 2) for arm in ("softmax", WINNER)]),
     "adamw": ({}, [(f"{attention}-adamw{rate}", 0) for rate in ADAMW_RATES for attention in ("softmax", WINNER)]),
-    # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens); compiled, to fit the device time
+    # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens); compiled, to fit the GPU time
     "horizon": (dict(NUM_ITERATIONS=1000, VAL_EVERY=100, COMPILE=1),
                 [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
     # the 12 x 768 model (the speedrun's width and depth) at a short horizon, compiled
