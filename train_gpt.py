@@ -874,6 +874,15 @@ def skip_batches(batches, count: int):
         pass
 
 
+def training_device(hp: Hyperparameters, local_rank: int) -> torch.device:
+    """This rank's GPU (made current), or the CPU when there is none or SMOKE=1 asks for it."""
+    if not torch.cuda.is_available() or hp.smoke:
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def train(hp: Hyperparameters) -> int:
     """Run one training job (a torchrun worker, or a lone process without a process group); 0, 1 when the
     run diverged, 128 + the signal's number when interrupted (after saving a checkpoint)."""
@@ -881,10 +890,8 @@ def train(hp: Hyperparameters) -> int:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     check_hyperparameters(hp, world_size)
-    use_cuda = torch.cuda.is_available() and not hp.smoke
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    device = training_device(hp, int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device.type == "cuda"
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
