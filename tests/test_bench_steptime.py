@@ -1,0 +1,85 @@
+"""bench/steptime.py end to end on the CPU (the smoke model on a synthetic shard), and its profile summary."""
+import pytest
+import torch
+
+import train_gpt as tg
+from bench import steptime
+from test_loader import write_shard
+from test_train import pattern_corpus
+
+
+@pytest.fixture
+def environ(tmp_path):
+    write_shard(tmp_path / "pattern_train_000001.bin", pattern_corpus(20_000, seed=0))
+    return {"SMOKE": "1", "TRAIN_FILES": str(tmp_path / "pattern_train_*.bin")}
+
+
+def test_every_arm_gets_a_row_of_the_table(environ, capsys):
+    argv = ["--arms", "softmax,parallax-pm,parallax", "--steps", "2", "--repeats", "2", "--warmup-steps", "1",
+            "--profile", "--profile-steps", "1"]
+    assert steptime.main(argv, environ=environ) == 0
+    out = capsys.readouterr().out
+    lines = out[out.rindex("\narm "):].strip().splitlines()
+    assert lines[0].split() == ["arm", "parameters", "ms/step", "x", "softmax", "peak", "RSS", "GiB", "warm-up", "s",
+                                "graphs"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert list(rows) == ["softmax", "parallax-pm", "parallax"]
+    for arm, (params, ms, ratio, peak, warm_up_s, graphs) in rows.items():
+        assert float(ms) > 0 and float(peak) > 0 and float(warm_up_s) > 0 and graphs == "0"  # eager on the CPU
+    assert rows["softmax"][2] == "1.00"
+    params = {arm: int(row[0].replace(",", "")) for arm, row in rows.items()}
+    r_gains = tg.SMOKE_CONFIG["num_layers"] * tg.SMOKE_CONFIG["num_heads"]  # one per head (r_gain="head")
+    assert params["parallax-pm"] - params["softmax"] == r_gains < params["parallax"] - params["softmax"]
+    for arm in rows:
+        assert f"profile {arm} (1 steps)" in out
+    assert out.count("\ntotal ") == 3
+
+
+def test_bad_arguments_are_refused_with_the_arms_named(environ, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        steptime.main(["--arms", "softmax,flash"], environ=environ)
+    assert exit_info.value.code == 2
+    assert "unknown arm(s) 'flash'; the arms are softmax, parallax-pm, parallax" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        steptime.main(["--steps", "100000"], environ=environ)  # more tokens than the shard holds
+    assert "tokens, but" in capsys.readouterr().err
+
+
+def test_bench_defaults_give_way_to_the_environment(environ):
+    hp = steptime.bench_hyperparameters(environ)
+    assert hp.micro_batches == 1 and hp.window_schedule == tg.SMOKE_CONFIG["window_schedule"][-1:]
+    hp = steptime.bench_hyperparameters({**environ, "MICRO_BATCHES": "2", "WINDOW_SCHEDULE": "128,256"})
+    assert hp.micro_batches == 2 and hp.window_schedule == (128, 256)
+
+
+def test_every_profiled_time_lands_in_one_category(environ):
+    hp = steptime.bench_hyperparameters(environ)
+    trainer = tg.Trainer(hp, rank=0, world_size=1, device=torch.device("cpu"))
+    batches = trainer.train_batches()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train_step(0, batches)
+    events = prof.events()
+    sums, unmatched = steptime.profile_summary(events)
+    assert list(sums) == steptime.CATEGORY_NAMES
+    host_total = sum(e.self_cpu_time_total for e in events if not e.is_async)
+    assert sum(host for _, host in sums.values()) == pytest.approx(host_total)
+    assert sum(device for device, _ in sums.values()) == 0  # no device
+    assert [sum(column) for column in zip(*unmatched.values())] == pytest.approx(sums[steptime.OTHER])
+    assert sums["optimizer (Muon/Adam)"][1] > 0 and sums["matmuls"][1] > 0
+
+
+@pytest.mark.parametrize("name, enclosing, expected", [
+    ("_bwd_dkdv_kernel", [], "attention backward"),
+    ("triton_tem_fused_flex_attention_backward_0", [], "attention backward"),
+    ("_fwd_kernel", [], "attention forward"),
+    ("aten::mm", ["parallax::backward", "CompiledFunctionBackward"], "attention backward"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_TNT", ["aten::mm", "Optimizer.step#Muon.step"], "optimizer (Muon/Adam)"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_TNT", ["aten::mm"], "matmuls"),
+    ("cudaStreamSynchronize", ["aten::_local_scalar_dense", "Optimizer.step#Muon.step"], "host syncs"),
+    ("Memcpy DtoH (Device -> Pinned)", ["aten::copy_"], "host syncs"),
+    ("triton_per_fused__log_softmax_tanh_0", [], "LM head + loss"),
+    ("triton_red_fused__to_copy_mean_pow_rsqrt_1", [], "norms/rotary/elementwise"),
+    ("ncclDevKernel_AllReduce_Sum_f32", [], "other"),
+])
+def test_category_names(name, enclosing, expected):
+    assert steptime.category(name, enclosing) == expected
