@@ -358,9 +358,15 @@ def flex_block_mask(doc_ids: Tensor, window: int) -> BlockMask:
 
 
 def _block_lists(mask: Tensor):
-    """(n, n) bool block map -> per query block the count and the indices (listed first) of its key blocks."""
+    """(n, n) bool block map -> per query block the count and the indices of its key blocks, listed first
+    in increasing order, the other blocks after them. Ranks by cumulative sums and a scatter, not a sort:
+    inductor's Triton sort took minutes to compile at n = 128 (16K-token sequences)."""
     counts = mask.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    listed_before = mask.cumsum(-1, dtype=torch.int32) - 1
+    unlisted_before = counts[:, None] + (~mask).cumsum(-1, dtype=torch.int32) - 1
+    slots = torch.where(mask, listed_before, unlisted_before).long()
+    blocks = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32).expand_as(slots)
+    indices = torch.empty_like(blocks).scatter_(-1, slots, blocks)
     return counts[None, None].contiguous(), indices[None, None].contiguous()
 
 
@@ -755,6 +761,7 @@ def make_optimizers(model: GPT, hp: Hyperparameters, device: torch.device):
     r_weights = [attn.r.weight for attn in attentions if attn.r is not None]
     regroup(adam, r_gains, hp.r_gain_lr)
     adam_params = [p for group in adam.param_groups for p in group["params"]]
+    muon.check_finite = False  # a host sync per step; training_loop stops on a non-finite loss instead
     if hp.optimizer == "muon":
         regroup(muon, r_weights, hp.muon_lr * hp.r_lr_mult)
         return [adam, muon], adam_params, muon
@@ -943,9 +950,10 @@ class Trainer:
         return self.compiled(batch.inputs, batch.targets, cu_seqlens=batch.cu_seqlens,
                              window=window_at(step, self.hp), doc_ids=doc_ids)
 
-    def train_step(self, step: int, batches) -> float:
-        """One optimizer step; returns the loss averaged over the global batch. When it is not finite,
-        nothing is updated (Muon would refuse the gradients anyway)."""
+    def train_step(self, step: int, batches) -> Tensor:
+        """One optimizer step, queued without waiting for the device; returns the loss averaged over the
+        global batch, a device scalar. The step is applied whatever the loss: the caller reads it (a
+        host sync) and stops on a non-finite one before saving anything."""
         hp, model = self.hp, self.model
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
@@ -955,9 +963,6 @@ class Trainer:
         mean_loss = loss_sum / self.grad_accum
         all_reduce_mean_([mean_loss] + [p.grad for p in self.averaged_params if p.grad is not None],
                          self.world_size)
-        if not math.isfinite(mean_loss := mean_loss.item()):
-            model.zero_grad(set_to_none=True)
-            return mean_loss
         multiplier = lr_multiplier(step, hp)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -1074,6 +1079,22 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
     def save(step: int) -> str:
         return trainer.save(step, untrained_val_loss=untrained_val_loss, train_time_ms=training_time_ms)
 
+    def logged(step: int, loss: Tensor) -> bool:
+        """Reads a step's loss (waiting for the device to finish the step) and logs it with the time then;
+        False after logging the stop when it is not finite."""
+        loss = loss.item()
+        elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+        if not math.isfinite(loss):
+            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
+                      f"good checkpoint: {last_checkpoint or no_checkpoint}", echo=True)
+            return False
+        log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                  f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
+        return True
+
+    # A step's loss is read once the next step is queued, so the device never waits for the host; it is
+    # read at once before anything that needs the step's result (validation, a checkpoint, the end).
+    unread = None  # (step, loss)
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(start_step, hp.num_iterations + 1):
@@ -1103,20 +1124,23 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
             loss = trainer.train_step(step, batches)
         except StopIteration:
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
-        elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        if not math.isfinite(loss):
-            log.write(f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
-                      f"good checkpoint: {last_checkpoint or no_checkpoint}", echo=True)
+        if unread is not None and not logged(*unread):
             return 1
-        log.write(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                  f"step_avg:{elapsed_ms / (step + 1):.2f}ms", echo=True)
+        unread = (step, loss)
+        saving = hp.save_every > 0 and (step + 1) % hp.save_every == 0 and step + 1 < hp.num_iterations
+        signal_number = step + 1 < hp.num_iterations and interrupts.agreed(step + 1)
+        validating = step + 1 == hp.num_iterations or (hp.val_every > 0 and (step + 1) % hp.val_every == 0)
+        if saving or signal_number or validating:
+            if not logged(*unread):
+                return 1
+            unread = None
 
-        if hp.save_every > 0 and (step + 1) % hp.save_every == 0 and step + 1 < hp.num_iterations:
+        if saving:
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             last_checkpoint = save(step + 1)
             t0 = time.perf_counter()
-        if step + 1 < hp.num_iterations and (signal_number := interrupts.agreed(step + 1)):
+        if signal_number:
             synchronize(device)
             training_time_ms += 1000 * (time.perf_counter() - t0)
             path = last_checkpoint if last_checkpoint == checkpoint_path(hp, step + 1) else save(step + 1)

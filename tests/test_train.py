@@ -175,6 +175,19 @@ def test_flex_block_mask_matches_the_dense_mask():
         torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("n", [1, 5, 128])
+def test_block_lists_put_each_rows_blocks_first_in_order(n):
+    """A BlockMask reads the first count indices of each row: they must be the row's blocks, ascending,
+    and the row must still be a permutation (as a stable descending argsort of the map gives)."""
+    torch.manual_seed(n)
+    for density in (0.0, 0.3, 1.0):
+        block_map = torch.rand(n, n) < density
+        counts, indices = tg._block_lists(block_map)
+        expected = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
+        assert torch.equal(counts[0, 0], block_map.sum(-1).int())
+        assert torch.equal(indices[0, 0], expected.int())
+
 def test_non_finite_loss_stops_with_exit_code_1(smoke_run, monkeypatch, capsys):
     forward, calls = tg.GPT.forward, itertools.count()
 
