@@ -128,13 +128,14 @@ class Muon(torch.optim.Optimizer):
     but wasted. Momentum buffers are sharded: each rank's state holds only the matrices it owns, so a
     checkpoint needs every rank's optimizer state (or restarts the momentum).
 
-    Non-finite gradients raise ValueError before any parameter changes. A NaN or inf anywhere in a
-    matrix's gradient, on any rank, spreads to its whole orthogonalized update, so every rank detects it
-    from one element per update matrix, at the cost of one host synchronization per step.
+    With check_finite, non-finite gradients raise ValueError before any parameter changes. A NaN or inf
+    anywhere in a matrix's gradient, on any rank, spreads to its whole orthogonalized update, so every
+    rank detects it from one element per update matrix, at the cost of one host synchronization per
+    step. A training loop that stops on a non-finite loss and saves nothing after it can turn it off.
     """
 
     def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5,
-                 coefficients="polar_express"):
+                 coefficients="polar_express", check_finite=True):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
@@ -142,6 +143,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, coefficients=coefficients)
         super().__init__(params, defaults)
+        self.check_finite = check_finite
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -178,7 +180,7 @@ class Muon(torch.optim.Optimizer):
         updates = [gathered()[: len(params)] for (_, params), gathered in zip(buckets, gathering)]
 
         corners = [update[:, 0, 0] for update in updates]  # one element per matrix: see the docstring
-        if corners and not torch.cat(corners).isfinite().all():
+        if self.check_finite and corners and not torch.cat(corners).isfinite().all():
             bad = sorted({tuple(ps[0].shape) for (_, ps), c in zip(buckets, corners) if not c.isfinite().all()})
             raise ValueError(f"non-finite gradient in Muon matrices of shape {bad}; parameters left unchanged")
 

@@ -70,7 +70,7 @@ WAVES = {
     "wide": (dict(NUM_LAYERS=12, MODEL_DIM=768, NUM_HEADS=6, NUM_ITERATIONS=200, COMPILE=1),
              [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
     # compiled, one run at a time on its GPU, at the final window: the step times for time-to-target
-    "steptime": (dict(COMPILE=1, NUM_ITERATIONS=40, VAL_EVERY=0, VAL_TOKENS=16384, WINDOW_SCHEDULE="768"),
+    "steptime": (dict(COMPILE=1, NUM_ITERATIONS=100, VAL_EVERY=0, VAL_TOKENS=16384, WINDOW_SCHEDULE="768"),
                  [(arm, 0) for arm in ("softmax", WINNER, f"{WINNER}-pm")]),
 }
 
