@@ -69,25 +69,26 @@ def _enclosing(event) -> list:
 
 def profile_summary(events) -> tuple:
     """Sums a profile's events per category: ({category: [device us, host us]}, {name: [device us, host us]}
-    of the events in "other"). Device time: each kernel's duration, under the launching op's ranges (the
-    device copies of the CPU ranges are skipped, as torch's own tables skip them). Host time: each CPU
-    event's self time (its children's excluded), so nothing is counted twice."""
-    cpu = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async}
+    of the events in "other"). Host time: each CPU event's self time (its children's excluded), so nothing
+    is counted twice. Device time: the kernels each CPU event launched (the profiler lists them in its
+    .kernels), under the names of that event and its enclosing ranges; the kernels' own device-side
+    events are skipped, as torch's tables skip them."""
     sums = {name: [0.0, 0.0] for name in CATEGORY_NAMES}
     unmatched = {}
-    for event in events:
-        if event.is_async or (event.device_type != torch.autograd.DeviceType.CPU and event.is_user_annotation):
-            continue
-        if event.device_type == torch.autograd.DeviceType.CPU:
-            column, us, enclosing = 1, event.self_cpu_time_total, _enclosing(event)
-        else:
-            launcher = cpu.get(event.linked_correlation_id)
-            column, us = 0, event.time_range.elapsed_us()
-            enclosing = [launcher.name] + _enclosing(launcher) if launcher is not None else []
-        label = category(event.name, enclosing)
+
+    def add(name, enclosing, column, us):
+        label = category(name, enclosing)
         sums[label][column] += us
         if label == OTHER:
-            unmatched.setdefault(event.name, [0.0, 0.0])[column] += us
+            unmatched.setdefault(name, [0.0, 0.0])[column] += us
+
+    for event in events:
+        if event.is_async or event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        enclosing = _enclosing(event)
+        add(event.name, enclosing, 1, event.self_cpu_time_total)
+        for kernel in event.kernels:
+            add(kernel.name, [event.name] + enclosing, 0, kernel.duration)
     return sums, unmatched
 
 
@@ -141,6 +142,8 @@ def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> d
         print(f"{arm}: warning: {graphs() - compiled} graph(s) compiled during the timed steps; "
               "their compilation is in the time", flush=True)
     allocated = tg.peak_memory(device)[0]
+    row = dict(arm=arm, params=params, ms=ms, peak=allocated, warm_up_s=warm_up_s, graphs=compiled)
+    print(f"{arm}: {ms:.2f} ms per step", flush=True)  # before the profile, which can fail or run out of time
 
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -159,7 +162,7 @@ def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> d
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             prof.export_chrome_trace(path)
             print(f"{arm}: chrome trace in {path}", flush=True)
-    return dict(arm=arm, params=params, ms=ms, peak=allocated, warm_up_s=warm_up_s, graphs=compiled)
+    return row
 
 
 def bench_hyperparameters(environ) -> tg.Hyperparameters:

@@ -1,4 +1,6 @@
 """bench/steptime.py end to end on the CPU (the smoke model on a synthetic shard), and its profile summary."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -67,6 +69,30 @@ def test_every_profiled_time_lands_in_one_category(environ):
     assert [sum(column) for column in zip(*unmatched.values())] == pytest.approx(sums[steptime.OTHER])
     assert sums["optimizer (Muon/Adam)"][1] > 0 and sums["matmuls"][1] > 0
 
+
+class FakeEvent:
+    """The fields of torch.autograd.profiler_util.FunctionEvent that profile_summary reads."""
+    def __init__(self, name, parent=None, self_us=0.0, kernels=(), device_type=torch.autograd.DeviceType.CPU):
+        self.name, self.cpu_parent, self.self_cpu_time_total = name, parent, self_us
+        self.kernels = [SimpleNamespace(name=k, device=0, duration=us) for k, us in kernels]
+        self.device_type, self.is_async = device_type, False
+
+
+def test_kernels_count_under_the_op_that_launched_them():
+    """Device time comes from each CPU op's kernels, categorized by the op's ranges; the kernels' own
+    device events are not counted again."""
+    muon = FakeEvent("Optimizer.step#Muon.step", self_us=5.0)
+    backward = FakeEvent("parallax::backward", self_us=2.0, kernels=[("_bwd_dq_kernel", 30.0)])
+    events = [muon, FakeEvent("aten::mm", muon, 1.0, [("nvjet_tst_128x64", 7.0)]), backward,
+              FakeEvent("aten::mm", backward, 1.0, [("nvjet_tst_128x64", 11.0)]),
+              FakeEvent("mystery", None, 0.5, [("mystery_kernel", 3.0)]),
+              FakeEvent("_bwd_dq_kernel", device_type=torch.autograd.DeviceType.CUDA)]
+    sums, unmatched = steptime.profile_summary(events)
+    assert sums["optimizer (Muon/Adam)"] == [7.0, 6.0]
+    assert sums["attention backward"] == [41.0, 3.0]
+    assert sums[steptime.OTHER] == [3.0, 0.5]
+    assert unmatched == {"mystery": [0.0, 0.5], "mystery_kernel": [3.0, 0.0]}
+    assert sum(device for device, _ in sums.values()) == 7.0 + 30.0 + 11.0 + 3.0
 
 @pytest.mark.parametrize("name, enclosing, expected", [
     ("_bwd_dkdv_kernel", [], "attention backward"),
