@@ -14,8 +14,10 @@ needs to reach softmax's final loss. The winner of the sweep is chosen by the ru
 run: the drop-in Parallax arm at attn_scale 0.12 with the lowest mean final loss over seeds 0-1.
 """
 import argparse
+import glob
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,6 +159,8 @@ def table(log_dirs):
                       if arm in SWEEP_CANDIDATES}
         if wave == "sweep" and candidates:
             print(f"\nwinner by the fixed rule: {min(candidates, key=candidates.get)}")
+    for log_dir in log_dirs:
+        print_equal_time(log_dir)
 
 
 def mean_curve(runs):
@@ -178,6 +182,54 @@ def print_steps_to_target(arms, target):
     for arm, runs in sorted(arms.items()):
         reached = steps_to(mean_curve(runs), target)
         print(f"  {arm}: {'not reached' if reached is None else f'{reached:.0f}'}")
+
+
+STEP_TIME_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms")
+STEADY_FROM = 10  # the first steps run slower (allocator, clocks): step time over the steps after this one
+
+
+def steady_step_ms(path):
+    """ms per step of a run log or its console output, from its train_time after step STEADY_FROM to
+    its last step, or None when it has no steps past STEADY_FROM."""
+    times = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if match := STEP_TIME_LINE.match(line):
+                times[int(match[1])] = float(match[2])
+    last = max(times, default=0)
+    if STEADY_FROM not in times or last <= STEADY_FROM:
+        return None
+    return (times[last] - times[STEADY_FROM]) / (last - STEADY_FROM)
+
+
+def print_equal_time(log_dir):
+    """The steptime wave's step times (a run's console output .out where its .txt log is missing), and
+    with the confirmation's steps to softmax's final loss, each arm's time to it."""
+    logs = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "steptime-*-s0.out")) +
+                       glob.glob(os.path.join(log_dir, "steptime-*-s0.txt"))):
+        logs[os.path.basename(path)[len("steptime-"):-len("-s0.txt")]] = path  # a .txt replaces the .out
+    times = {arm: ms for arm, path in logs.items() if (ms := steady_step_ms(path)) is not None}
+    if "softmax" not in times:
+        return
+    confirm = {}
+    for run in map(parse_log, find_logs([log_dir])):
+        if run["status"] == "complete" and arm_of(run)[0] == "confirm":
+            confirm.setdefault(arm_of(run)[1], []).append(run)
+    target = mean_std([r["final_val_loss"] for r in confirm["softmax"]])[0]
+    steps = {arm: steps_to(mean_curve(runs), target) for arm, runs in confirm.items()}
+    print(f"\n## equal time (compiled, one run at a time, ms per step after step {STEADY_FROM}; steps to "
+          f"softmax's final loss {target:.4f} from the confirmation)\n")
+    print("| arm | ms/step | x softmax | steps to target | time to target (s) | x softmax | break-even steps |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base_steps = steps["softmax"] = confirm["softmax"][0]["num_iterations"]  # softmax's final loss, by definition
+    for arm, ms in sorted(times.items(), key=lambda item: item[1]):
+        ratio = ms / times["softmax"]
+        reached = steps.get(arm)
+        time_s = "" if reached is None else f"{reached * ms / 1e3:.2f}"
+        time_ratio = "" if reached is None else f"{reached * ms / (base_steps * times['softmax']):.3f}"
+        print(f"| {arm} | {ms:.2f} | {ratio:.3f} | {'' if reached is None else f'{reached:.0f}'} | {time_s} "
+              f"| {time_ratio} | {base_steps / ratio:.0f} |")
 
 
 def main():
