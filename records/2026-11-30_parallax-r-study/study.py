@@ -62,6 +62,9 @@ WAVES = {
     "sweep": ({}, [(arm, seed) for arm in ARMS if "adamw" not in arm for seed in (0, 1)]),
     # fresh seeds, never used in the sweep; the authors' r stays as an arm
     "confirm": ({}, [(arm, seed) for seed in (2, 3, 4, 5) for arm in ("softmax", WINNER, "authors", f"{WINNER}-pm")]),
+    # a second confirmation, fixed before any of its runs: eight more fresh seeds (6-13) of softmax and the
+    # winner, tested on their own (Welch, p < 0.05), never pooled with "confirm"
+    "confirm2": ({}, [(arm, seed) for seed in range(6, 14) for arm in ("softmax", WINNER)]),
     # the second corpus, untuned: the winner as chosen on devdocs
     "corpus2": (dict(CORPUS="corpus2"), [(arm, seed) for seed in (0, 1, 2) for arm in ("softmax", WINNER)]),
     "adamw": ({}, [(f"{attention}-adamw{rate}", 0) for rate in ADAMW_RATES for attention in ("softmax", WINNER)]),
