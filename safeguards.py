@@ -1,11 +1,16 @@
 """The checks that keep a train_gpt.py run from failing late or losing its work, apart from the training
-they guard: misspelled settings, interrupts that wait for a step boundary, divergence at validation,
-what an unloadable checkpoint holds instead, and the sample command's arguments. train_gpt.py logs
-this file with its own code (its divergence rule and interrupt handling decide how runs end).
+they guard: misspelled settings, run names that would replace another run, atomic checkpoint writes,
+checked checkpoint reads (and what an unloadable one holds instead), the resume check, interrupts that
+wait for a step boundary, divergence at validation, and the sample command's arguments. train_gpt.py
+logs this file with its own code (its divergence rule and interrupt handling decide how runs end).
 """
+import glob
+import json
 import math
 import os
+import shutil
 import signal
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -87,7 +92,91 @@ def divergence(step: int, val_loss: float, untrained_val_loss: float, num_iterat
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Run names and checkpoints
+
+def run_paths(run_name: str) -> tuple:
+    """(its log, its checkpoint folder)."""
+    return f"logs/{run_name}.txt", os.path.join("checkpoints", run_name)
+
+
+def claim_run_name(hp, continuing: bool, master: bool):
+    """A run never replaces another: a run name with a log or checkpoints is refused, unless this run
+    continues it (RESUME) or OVERWRITE=1 asks to replace it (rank 0 then removes its log and checkpoints)."""
+    log_path, checkpoint_dir = run_paths(hp.run_name)
+    taken = os.path.exists(log_path) or bool(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*")))
+    if not taken or continuing:
+        return
+    if not hp.overwrite:
+        raise ValueError(f"run name {hp.run_name!r} is taken ({log_path} or {checkpoint_dir}/ exists): choose "
+                         "another RUN_NAME, continue that run with RESUME=<one of its checkpoints>, or replace it "
+                         "with OVERWRITE=1")
+    if master:
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+CHECKPOINT_KIND = "train_gpt.py checkpoint 1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: str, model: nn.Module, hp, step: int, training_state: dict | None = None):
+    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True;
+    the hyperparameters (hp, a dataclass) and model.config rebuild the model. training_state (optimizer states and the like, see Trainer.save) makes it resumable. Temporary files that
+    an interrupted write left in the folder are removed first."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        os.remove(stale)
+    payload = dict(kind=CHECKPOINT_KIND, step=step, hyperparameters=asdict(hp), model_config=asdict(model.config),
+                   model={name: t.detach().cpu() for name, t in model.state_dict().items()}, **(training_state or {}))
+    temporary = f"{path}.tmp"
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, loaded with weights_only=True; CheckpointError with one line when path is no
+    such file, an unfinished write, not loadable, or not a train_gpt.py checkpoint."""
+    if path.endswith(".tmp"):
+        raise CheckpointError(f"{path}: an unfinished checkpoint write, not a checkpoint; use a state_step<N>.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a checkpoint torch can load ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload, CHECKPOINT_KIND)}")
+    return payload
+
+
+RESUME_MAY_CHANGE = {"run_name", "resume", "overwrite", "val_every", "save_every", "compile"}
+
+
+def check_resumable(payload: dict, hp, world_size: int) -> dict:
+    """payload, the checkpoint hp.resume names, if it can continue this run: it holds optimizer states, was
+    written by as many ranks, and trained with these hyperparameters (all but RESUME_MAY_CHANGE)."""
+    if "optimizers" not in payload:
+        raise CheckpointError(f"{hp.resume}: holds no optimizer states (an older train_gpt.py wrote it); it can be "
+                              "sampled from, not resumed")
+    if len(payload["optimizers"]) != world_size:
+        raise CheckpointError(f"{hp.resume}: written by {len(payload['optimizers'])} rank(s); resume it on as many "
+                              f"(Muon's momentum is split over the ranks), not {world_size}")
+    saved = payload["hyperparameters"]
+    differences = [f"{name.upper()}={saved.get(name)!r} there, {value!r} here" for name, value in asdict(hp).items()
+                   if name not in RESUME_MAY_CHANGE and json.dumps(saved.get(name)) != json.dumps(value)]
+    if differences:
+        raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
+                              "they were to resume")
+    return payload
+
 
 
 def cpu_copy(tree):

@@ -34,7 +34,6 @@ signal); every checkpoint holds the optimizer states, and RESUME=<checkpoint> co
 same losses.
 """
 import argparse
-import codecs
 import glob
 import itertools
 import json
@@ -59,10 +58,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from gpt2_data import BOS, DATA_HINT, GPT2_VOCAB, HEADER_BYTES, load_gpt2_encoding, read_shard_header
-from parallax_kernels import document_ids, parallax_attn, parallax_decode, parallax_reference, visible
-from safeguards import (InterruptRequests, check_for_misspelled_settings, cpu_copy, describe_payload, divergence,
-                        first_few, sampling_arguments_problem, state_dict_mismatch)
+from generate import TextStream, generate, inference_device, prepare_for_inference, synchronize
+from gpt2_data import BOS, DATA_HINT, HEADER_BYTES, load_gpt2_encoding, read_shard_header
+from parallax_kernels import document_ids, parallax_attn, parallax_reference, visible
+from safeguards import (CheckpointError, InterruptRequests, check_for_misspelled_settings, check_resumable,
+                        claim_run_name, cpu_copy, divergence, read_checkpoint, run_paths, sampling_arguments_problem,
+                        save_checkpoint, state_dict_mismatch)
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -595,6 +596,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         return self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
 
+    def packed_attention(self, cu_seqlens: Tensor, T: int, window: int | None = None, doc_ids: Tensor | None = None):
+        """attend(layer, q, r, k, v) for T packed tokens (see packed_attention and forward)."""
+        # FlexAttention only when compiled: eager flex materializes every (T, T) score matrix.
+        use_flex = cu_seqlens.is_cuda and T % FLEX_BLOCK == 0 and torch.compiler.is_compiling()
+        return packed_attention(self.config.parallax, cu_seqlens, T, self.layer_windows(window),
+                                self.config.attn_scale, use_flex=use_flex, doc_ids=doc_ids)
+
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, *, cu_seqlens: Tensor,
                 window: int | None = None, doc_ids: Tensor | None = None):
         """Packed documents input_seq (T,) with boundaries cu_seqlens -> mean cross-entropy against
@@ -603,10 +611,7 @@ class GPT(nn.Module):
         compiled softmax model needs as an input (see packed_attention)."""
         T = input_seq.numel()
         positions = torch.arange(T, device=input_seq.device)
-        # FlexAttention only when compiled: eager flex materializes every (T, T) score matrix.
-        use_flex = input_seq.is_cuda and T % FLEX_BLOCK == 0 and torch.compiler.is_compiling()
-        attend = packed_attention(self.config.parallax, cu_seqlens, T, self.layer_windows(window),
-                                  self.config.attn_scale, use_flex=use_flex, doc_ids=doc_ids)
+        attend = self.packed_attention(cu_seqlens, T, window, doc_ids)
         logits = self.logits(self.hidden_states(input_seq[None], positions, attend)[0])
         if target_seq is None:
             return logits
@@ -614,46 +619,12 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-CHECKPOINT_KIND = "train_gpt.py checkpoint 1"
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def save_checkpoint(path: str, model: GPT, hp: Hyperparameters, step: int, training_state: dict | None = None):
-    """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True.
-    training_state (optimizer states and the like, see Trainer.save) makes it resumable. Temporary files that
-    an interrupted write left in the folder are removed first."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
-        os.remove(stale)
-    payload = dict(kind=CHECKPOINT_KIND, step=step, hyperparameters=asdict(hp), model_config=asdict(model.config),
-                   model={name: t.detach().cpu() for name, t in model.state_dict().items()}, **(training_state or {}))
-    temporary = f"{path}.tmp"
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+# Checkpoints (written and read by safeguards.py; here the model they rebuild)
 
 
 def load_checkpoint(path: str) -> tuple:
     """(GPT on the CPU, the checkpoint dict); CheckpointError with one line on any problem."""
-    if path.endswith(".tmp"):
-        raise CheckpointError(f"{path}: an unfinished checkpoint write, not a checkpoint; use a state_step<N>.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a checkpoint torch can load ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint: {describe_payload(payload, CHECKPOINT_KIND)}")
+    payload = read_checkpoint(path)
     try:
         model = GPT(GPTConfig(**payload["model_config"]))
     except TypeError as err:
@@ -664,26 +635,9 @@ def load_checkpoint(path: str) -> tuple:
     return model, payload
 
 
-RESUME_MAY_CHANGE = {"run_name", "resume", "overwrite", "val_every", "save_every", "compile"}
-
-
 def load_resume_checkpoint(hp: Hyperparameters, world_size: int) -> dict:
-    """The checkpoint RESUME names, checked before anything is written: resumable (optimizer states in
-    it), written by as many ranks, and trained with these hyperparameters (all but RESUME_MAY_CHANGE)."""
-    _, payload = load_checkpoint(hp.resume)
-    if "optimizers" not in payload:
-        raise CheckpointError(f"{hp.resume}: holds no optimizer states (an older train_gpt.py wrote it); it can be "
-                              "sampled from, not resumed")
-    if len(payload["optimizers"]) != world_size:
-        raise CheckpointError(f"{hp.resume}: written by {len(payload['optimizers'])} rank(s); resume it on as many "
-                              f"(Muon's momentum is split over the ranks), not {world_size}")
-    saved = payload["hyperparameters"]
-    differences = [f"{name.upper()}={saved.get(name)!r} there, {value!r} here" for name, value in asdict(hp).items()
-                   if name not in RESUME_MAY_CHANGE and json.dumps(saved.get(name)) != json.dumps(value)]
-    if differences:
-        raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
-                              "they were to resume")
-    return payload
+    """The checkpoint RESUME names, loaded and checked (see check_resumable) before anything is written."""
+    return check_resumable(load_checkpoint(hp.resume)[1], hp, world_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,7 +684,7 @@ def environment_report() -> str:
 
 # The code a training run executes: this file and the project modules it trains with.
 LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
-                  "parallax_reference.py", "muon.py", "safeguards.py")
+                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py")
 
 
 def write_log_header(log: RunLog, hp: Hyperparameters):
@@ -817,33 +771,6 @@ def configure_compile():
     stay ints for the kernels) instead of turning it symbolic once it changes."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.specialize_int = True
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_paths(run_name: str) -> tuple:
-    """(its log, its checkpoint folder)."""
-    return f"logs/{run_name}.txt", os.path.join("checkpoints", run_name)
-
-
-def claim_run_name(hp: Hyperparameters, continuing: bool, master: bool):
-    """A run never replaces another: a run name with a log or checkpoints is refused, unless this run
-    continues it (RESUME) or OVERWRITE=1 asks to replace it (rank 0 then removes its log and checkpoints)."""
-    log_path, checkpoint_dir = run_paths(hp.run_name)
-    taken = os.path.exists(log_path) or bool(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*")))
-    if not taken or continuing:
-        return
-    if not hp.overwrite:
-        raise ValueError(f"run name {hp.run_name!r} is taken ({log_path} or {checkpoint_dir}/ exists): choose "
-                         "another RUN_NAME, continue that run with RESUME=<one of its checkpoints>, or replace it "
-                         "with OVERWRITE=1")
-    if master:
-        if os.path.exists(log_path):
-            os.remove(log_path)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
@@ -1163,202 +1090,7 @@ def peak_memory(device: torch.device) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation: a preallocated KV cache, packed prefill, one-token decode steps (CUDA-graph replayed)
-
-
-class KVCache:
-    """Keys and values of every layer, (B, max_len, H, D) each, and the valid length of every row."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, max_len, config.num_heads, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)  # updated in place only
-        self.rows = torch.arange(batch_size, device=device)
-
-
-@torch.no_grad()
-def prefill(model: GPT, cache: KVCache, prompts: list) -> Tensor:
-    """Run all prompts as one packed sequence (documents never see each other), store their keys and
-    values in the cache rows, and return the logits of each prompt's last token (B, vocab)."""
-    device = cache.lengths.device
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.tensor([t for p in prompts for t in p], device=device)
-    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device, torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
-    rows = torch.repeat_interleave(cache.rows, lengths.to(device))
-    inner = packed_attention(model.config.parallax, cu_seqlens, tokens.numel(), model.layer_windows(),
-                             model.config.attn_scale, use_flex=False)
-
-    def attend(layer, q, r, k, v):
-        cache.k[layer][rows, positions] = k[0]
-        cache.v[layer][rows, positions] = v[0]
-        return inner(layer, q, r, k, v)
-
-    x = model.hidden_states(tokens[None], positions, attend)[0]
-    cache.lengths.copy_(lengths.to(device, torch.int32))
-    return model.logits(x[cu_seqlens[1:].long() - 1])
-
-
-def cached_attention(parallax: bool, q, r, k_cache, v_cache, lengths, window: int, scale: float):
-    """One new query per row (B, 1, H, D) over its row's cache; lengths (B,) counts the valid keys, the
-    new one included. Parallax through parallax_decode; softmax through SDPA with a length mask."""
-    if parallax:
-        return parallax_decode(q, r, k_cache, v_cache, lengths, window=window, scale=scale)
-    key_pos = torch.arange(k_cache.size(1), device=q.device)
-    seen = visible((lengths - 1).long()[:, None], key_pos, window)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                       attn_mask=seen[:, None, None, :], scale=scale)
-    return y.transpose(1, 2)
-
-
-@torch.compiler.disable  # eager inside a compiled step too: in-place cache writes, opaque kernels
-def store_and_attend(config: GPTConfig, cache: KVCache, layer: int, positions, lengths, q, r, k, v, window: int):
-    cache.k[layer][cache.rows, positions] = k[:, 0]
-    cache.v[layer][cache.rows, positions] = v[:, 0]
-    return cached_attention(config.parallax, q, r, cache.k[layer], cache.v[layer], lengths, window, config.attn_scale)
-
-
-def decode_step(model: GPT, cache: KVCache, tokens: Tensor) -> Tensor:
-    """Feed one token per row (B,), append its keys and values, advance the lengths; -> logits (B, vocab).
-    Only in-place updates of preallocated tensors, so the whole step can be captured in a CUDA graph."""
-    positions = cache.lengths.long()  # where the new token goes
-    lengths = cache.lengths + 1
-    windows = model.layer_windows()
-
-    def attend(layer, q, r, k, v):
-        return store_and_attend(model.config, cache, layer, positions, lengths, q, r, k, v, windows[layer])
-
-    x = model.hidden_states(tokens[:, None], positions[:, None], attend)
-    cache.lengths.copy_(lengths)
-    return model.logits(x[:, 0])
-
-
-def capture_cuda_graph(fn, warmup_calls: int = 2):
-    """Run fn for real on a side stream first (compiling kernels, allocating workspaces), then capture
-    one call of it; -> (the graph, what the captured call returned)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup_calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
-    return graph, output
-
-
-class DecodeStep:
-    """decode_step, eager or replayed from a CUDA graph (static token buffer, cache lengths in place);
-    with use_compile the step is torch.compiled first, fusing the small ops between the matmuls."""
-
-    def __init__(self, model, cache, use_graph=False, use_compile=False):
-        self.args = (model, cache)
-        self.step = decode_step
-        if use_compile:
-            configure_compile()
-            self.step = torch.compile(decode_step, dynamic=False)
-        self.graph = None
-        if not use_graph:
-            return
-        if cache.lengths.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.tokens = torch.zeros_like(cache.rows)
-        self.graph, self.logits = capture_cuda_graph(lambda: self.step(model, cache, self.tokens))
-        cache.lengths.zero_()  # the warm-up calls advanced them; the graph reads them at replay
-
-    def __call__(self, tokens: Tensor) -> Tensor:
-        if self.graph is None:
-            return self.step(*self.args, tokens)
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
-
-
-def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
-    """(B, vocab) -> (B,) tokens: greedy at temperature 0, else top-k sampling; padded ids never."""
-    logits = logits[:, :GPT2_VOCAB]
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-class Generation(NamedTuple):
-    tokens: list  # per prompt, the new tokens (end-of-text excluded)
-    prefill_s: float
-    decode_s: float
-
-
-@torch.no_grad()
-def generate(model: GPT, prompts: list, max_new_tokens: int, *, temperature=0.0, top_k=None, seed=0,
-             stop_token: int | None = BOS, use_graph=False, use_compile=False, on_token=None) -> Generation:
-    """Continue every prompt (lists of token ids, each starting with BOS) by up to max_new_tokens,
-    stopping a row at stop_token. Rows keep their own cache lengths, so prompts may differ in length.
-    on_token(row, token) is called for every new token as it is sampled."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    weight = model.lm_head.weight
-    device = weight.device
-    cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens, device, weight.dtype)
-    step = DecodeStep(model, cache, use_graph, use_compile)  # captured before the prefill fills the cache
-    generator = torch.Generator(device).manual_seed(seed)
-    synchronize(device)
-    start = time.perf_counter()
-    logits = prefill(model, cache, prompts)
-    synchronize(device)
-    decode_start = time.perf_counter()
-    outputs = [[] for _ in prompts]
-    active = [True] * len(prompts)
-    for i in range(max_new_tokens):
-        next_tokens = sample_next(logits, temperature, top_k, generator)
-        for row, token in enumerate(next_tokens.tolist()):
-            if not active[row]:
-                continue
-            if token == stop_token:
-                active[row] = False
-                continue
-            outputs[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-        if not any(active) or i == max_new_tokens - 1:
-            break
-        logits = step(next_tokens)
-    return Generation(outputs, decode_start - start, time.perf_counter() - decode_start)
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line: train (no command) and sample
-
-
-class TextStream:
-    """Prints tokens as text the moment they arrive, holding back the bytes of an unfinished character."""
-
-    def __init__(self, encoding):
-        self.encoding = encoding
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def write(self, row, token):
-        sys.stdout.write(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
-        sys.stdout.flush()
-
-    def close(self):
-        print(self.decoder.decode(b"", final=True))
-
-
-def inference_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def prepare_for_inference(model: GPT, device: torch.device) -> GPT:
-    model = model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return model.eval().requires_grad_(False)
 
 
 def sample_main(args) -> int:

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from bench.common import median_ms
+from generate import capture_cuda_graph
 from parallax_kernels import decode_backend, parallax_decode, parallax_decode_triton
-from train_gpt import capture_cuda_graph
 
 
 def graph_time_us(fn, calls_per_graph=32, replays=25):

@@ -1,5 +1,5 @@
 """Generation speed of the speedrun-size model (random weights): prefill and per-step decode time,
-tokens/s, with and without CUDA graphs, through train_gpt.py's generate.
+tokens/s, with and without CUDA graphs, through generate.py.
 
     python -m bench.sample [--compile] [--batch-sizes 1 16] [--attention parallax softmax]
 """
@@ -8,12 +8,13 @@ import sys
 
 import torch
 
+import generate as gen
 import train_gpt as tg
 from parallax_kernels import decode_backend
 
 
 def bench_sample(args) -> int:
-    device = tg.inference_device()
+    device = gen.inference_device()
     if device.type != "cuda":
         print("no CUDA device: timing the CPU path (no CUDA graphs)", file=sys.stderr)
     backend = decode_backend(device)
@@ -24,7 +25,7 @@ def bench_sample(args) -> int:
     generator = torch.Generator().manual_seed(0)
     for attention in args.attention:
         torch.manual_seed(0)
-        model = tg.prepare_for_inference(tg.GPT(tg.model_config(tg.Hyperparameters(attention=attention))), device)
+        model = gen.prepare_for_inference(tg.GPT(tg.model_config(tg.Hyperparameters(attention=attention))), device)
         with torch.no_grad():  # random weights everywhere, so no layer is skipped by a zero
             for param in model.parameters():
                 if param.ndim == 2 and not param.abs().sum():
@@ -35,8 +36,8 @@ def bench_sample(args) -> int:
             for use_graph in ([True, False] if device.type == "cuda" else [False]):
                 options = dict(temperature=0.8, top_k=50, stop_token=None, use_graph=use_graph,
                                use_compile=args.compile)
-                tg.generate(model, prompts, min(8, args.new_tokens), **options)  # compile and tune first
-                result = tg.generate(model, prompts, args.new_tokens, **options)
+                gen.generate(model, prompts, min(8, args.new_tokens), **options)  # compile and tune first
+                result = gen.generate(model, prompts, args.new_tokens, **options)
                 steps = args.new_tokens - 1  # decode steps after the prefill's token
                 print(f"{attention:>9} {batch_size:>5} {'on' if use_graph else 'off':>5} "
                       f"{'on' if args.compile else 'off':>7} {1000 * result.prefill_s:>10.1f} "

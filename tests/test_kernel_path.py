@@ -12,6 +12,7 @@ import torch
 
 import parallax_decode
 import parallax_kernels
+import generate as gen
 import train_gpt as tg
 from records.compare import parse_log
 from test_sample import PROMPTS, tiny_model
@@ -32,7 +33,7 @@ def route_through_kernels(monkeypatch):
         return parallax_decode.parallax_decode_triton(*half, lengths, window=window, scale=scale).to(q.dtype)
 
     monkeypatch.setattr(tg, "parallax_reference", attn)
-    monkeypatch.setattr(tg, "parallax_decode", decode)
+    monkeypatch.setattr(gen, "parallax_decode", decode)
     return calls
 
 
@@ -82,8 +83,8 @@ def test_generation_through_kernels_matches_reference(monkeypatch):
     reference gives (greedy, prompts of different lengths, past the 48-key window)."""
     model = tiny_model("parallax", seed=4)
     short = [PROMPTS[0], PROMPTS[2]] + [[tg.BOS] + list(range(200, 240))]
-    want = tg.generate(model, short, 14, stop_token=None).tokens  # the reference first
+    want = gen.generate(model, short, 14, stop_token=None).tokens  # the reference first
     calls = route_through_kernels(monkeypatch)
-    got = tg.generate(model, short, 14, stop_token=None).tokens
+    got = gen.generate(model, short, 14, stop_token=None).tokens
     assert calls["attn"] == model.config.num_layers and calls["decode"] == 13 * model.config.num_layers
     assert got == want

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import generate as gen
 import train_gpt as tg
+from gpt2_data import GPT2_VOCAB
 from parallax_kernels import parallax_decode_reference
 from test_train import SMOKE, randomized, tiny_config
 
@@ -19,7 +21,7 @@ def greedy_by_recomputation(model, prompt, new_tokens):
     with torch.no_grad():
         for _ in range(new_tokens):
             logits = model(torch.tensor(sequence), cu_seqlens=torch.tensor([0, len(sequence)], dtype=torch.int32))
-            sequence.append(int(logits[-1, :tg.GPT2_VOCAB].argmax()))
+            sequence.append(int(logits[-1, :GPT2_VOCAB].argmax()))
     return sequence[len(prompt):]
 
 
@@ -27,27 +29,27 @@ def greedy_by_recomputation(model, prompt, new_tokens):
                                                ("softmax", "kernel")])
 def test_cached_greedy_equals_recomputation(attention, decode, monkeypatch):
     if decode == "reference":
-        monkeypatch.setattr(tg, "parallax_decode", parallax_decode_reference)
+        monkeypatch.setattr(gen, "parallax_decode", parallax_decode_reference)
     model = tiny_model(attention)
     for prompt in PROMPTS[:2]:
         expected = greedy_by_recomputation(model, prompt, 40)  # the sequence outgrows the window
-        result = tg.generate(model, [prompt], 40, stop_token=None)
+        result = gen.generate(model, [prompt], 40, stop_token=None)
         assert result.tokens == [expected]
 
 
 @pytest.mark.parametrize("attention", ["parallax", "softmax"])
 def test_batched_prompts_of_different_lengths_match_one_by_one(attention):
     model = tiny_model(attention, seed=1)
-    alone = [tg.generate(model, [prompt], 24, stop_token=None).tokens[0] for prompt in PROMPTS]
-    assert tg.generate(model, PROMPTS, 24, stop_token=None).tokens == alone
+    alone = [gen.generate(model, [prompt], 24, stop_token=None).tokens[0] for prompt in PROMPTS]
+    assert gen.generate(model, PROMPTS, 24, stop_token=None).tokens == alone
     assert len({tuple(tokens) for tokens in alone}) == len(PROMPTS)  # the rows really differ
 
 
 def test_rows_stop_at_their_own_end_of_text():
     model = tiny_model("parallax", seed=2)
-    free = tg.generate(model, PROMPTS, 12, stop_token=None).tokens
+    free = gen.generate(model, PROMPTS, 12, stop_token=None).tokens
     stop = free[0][3]  # becomes "end of text": row 0 stops before its 4th token
-    stopped = tg.generate(model, PROMPTS, 12, stop_token=stop).tokens
+    stopped = gen.generate(model, PROMPTS, 12, stop_token=stop).tokens
     for row, tokens in enumerate(free):
         expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
         assert stopped[row] == expected
@@ -56,13 +58,13 @@ def test_rows_stop_at_their_own_end_of_text():
 
 def test_sampling_is_seeded_and_respects_top_k():
     model = tiny_model("parallax")
-    runs = [tg.generate(model, PROMPTS, 16, temperature=1.0, top_k=5, seed=seed, stop_token=None).tokens
+    runs = [gen.generate(model, PROMPTS, 16, temperature=1.0, top_k=5, seed=seed, stop_token=None).tokens
             for seed in (3, 3, 4)]
     assert runs[0] == runs[1] != runs[2]
-    logits = torch.randn(4, tg.GPT2_VOCAB + 47)
-    allowed = torch.topk(logits[:, :tg.GPT2_VOCAB], 5).indices
+    logits = torch.randn(4, GPT2_VOCAB + 47)
+    allowed = torch.topk(logits[:, :GPT2_VOCAB], 5).indices
     for _ in range(20):
-        picked = tg.sample_next(logits, 1.0, 5, None)
+        picked = gen.sample_next(logits, 1.0, 5, None)
         assert (picked[:, None] == allowed).any(-1).all()
 
 
@@ -92,7 +94,7 @@ def test_sample_command_streams_and_batches(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "state_step000001.pt")
     tg.save_checkpoint(path, tiny_model("parallax"), SMOKE, step=1)
     monkeypatch.setattr(tg, "load_gpt2_encoding", lambda bpe_file: ByteEncoding())
-    expected = tg.generate(tiny_model("parallax"), [[tg.BOS, 104, 105]], 6, stop_token=None).tokens[0]
+    expected = gen.generate(tiny_model("parallax"), [[tg.BOS, 104, 105]], 6, stop_token=None).tokens[0]
     assert tg.main(["sample", "--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "6",
                     "--temperature", "0"]) == 0
     captured = capsys.readouterr()
@@ -128,15 +130,15 @@ def test_decode_kernel_matches_reference_on_gpu(use_graph, monkeypatch):
     torch.manual_seed(0)
     config = tg.model_config(tg.Hyperparameters(num_layers=2, model_dim=256, num_heads=2, head_dim=128,
                                                 num_value_embeds=1, window_schedule=(64,)))
-    model = tg.prepare_for_inference(randomized(tg.GPT(config)), torch.device("cuda"))
+    model = gen.prepare_for_inference(randomized(tg.GPT(config)), torch.device("cuda"))
     prompts = [[tg.BOS] + torch.randint(0, tg.BOS, (n,)).tolist() for n in (5, 90, 33)]  # 90 > window
-    caches = [tg.KVCache(config, len(prompts), 128, "cuda", model.lm_head.weight.dtype) for _ in range(2)]
-    kernel_step = tg.DecodeStep(model, caches[0], use_graph=use_graph)
-    kernel_logits = tg.prefill(model, caches[0], prompts)
-    reference_logits = tg.prefill(model, caches[1], prompts)
+    caches = [gen.KVCache(config, len(prompts), 128, "cuda", model.lm_head.weight.dtype) for _ in range(2)]
+    kernel_step = gen.DecodeStep(model, caches[0], use_graph=use_graph)
+    kernel_logits = gen.prefill(model, caches[0], prompts)
+    reference_logits = gen.prefill(model, caches[1], prompts)
     exact = 0
     for _ in range(32):
-        kernel_logits, reference_logits = kernel_logits[:, :tg.GPT2_VOCAB].float(), reference_logits[:, :tg.GPT2_VOCAB].float()
+        kernel_logits, reference_logits = kernel_logits[:, :GPT2_VOCAB].float(), reference_logits[:, :GPT2_VOCAB].float()
         assert torch.isfinite(kernel_logits).all()
         assert ((kernel_logits - reference_logits).norm() / reference_logits.norm()).item() < 2e-2
         tokens = kernel_logits.argmax(-1)
@@ -146,6 +148,6 @@ def test_decode_kernel_matches_reference_on_gpu(use_graph, monkeypatch):
         exact += int((tokens == reference_logits.argmax(-1)).sum())
         kernel_logits = kernel_step(tokens)
         with monkeypatch.context() as patch:
-            patch.setattr(tg, "parallax_decode", parallax_decode_reference)
-            reference_logits = tg.decode_step(model, caches[1], tokens)
+            patch.setattr(gen, "parallax_decode", parallax_decode_reference)
+            reference_logits = gen.decode_step(model, caches[1], tokens)
     assert exact >= 0.9 * 32 * len(prompts)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from gpt2_data import GPT2_VOCAB
 from records.compare import parse_log
 from test_loader import write_shard
 
@@ -52,7 +53,7 @@ def randomized(model, seed=0):
 
 def packed_batch(lengths, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, tg.GPT2_VOCAB - 1, (sum(lengths),), generator=generator)
+    tokens = torch.randint(0, GPT2_VOCAB - 1, (sum(lengths),), generator=generator)
     cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
     tokens[cu_seqlens[:-1].long()] = tg.BOS
     return tokens, cu_seqlens
@@ -66,7 +67,7 @@ def test_smoke_run_learns_and_its_log_parses(smoke_run):
     assert [step for step, _ in run["val"]] == [0, 10, 20, 30]
     assert [step for step, _ in run["train"]] == list(range(1, 31))
     first_val, final_val = run["val"][0][1], run["final_val_loss"]
-    assert first_val == pytest.approx(np.log(tg.GPT2_VOCAB + 47), abs=0.05)  # zero LM head: uniform over 50304
+    assert first_val == pytest.approx(np.log(GPT2_VOCAB + 47), abs=0.05)  # zero LM head: uniform over 50304
     assert final_val < 1.5 < first_val  # a mod-16 counter: the model has learned to count
     assert np.mean([loss for _, loss in run["train"][-5:]]) < np.mean([loss for _, loss in run["train"][:5]]) - 5
     assert run["peak_allocated_mib"] is not None
@@ -175,7 +176,6 @@ def test_flex_block_mask_matches_the_dense_mask():
         torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("n", [1, 5, 128])
 def test_block_lists_put_each_rows_blocks_first_in_order(n):
     """A BlockMask reads the first count indices of each row: they must be the row's blocks, ascending,
@@ -187,6 +187,7 @@ def test_block_lists_put_each_rows_blocks_first_in_order(n):
         expected = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
         assert torch.equal(counts[0, 0], block_map.sum(-1).int())
         assert torch.equal(indices[0, 0], expected.int())
+
 
 def test_non_finite_loss_stops_with_exit_code_1(smoke_run, monkeypatch, capsys):
     forward, calls = tg.GPT.forward, itertools.count()
