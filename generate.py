@@ -113,6 +113,8 @@ class DecodeStep:
         self.args = (model, cache)
         self.step = decode_step
         if use_compile:
+            # a graph per model, batch size and cache length: more than torch.compile's default 8 in a bench
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = torch.compile(decode_step, dynamic=False)
         self.graph = None
         if not use_graph:
