@@ -251,7 +251,7 @@ def split_parameters(model: nn.Module, head_name: str = "lm_head") -> dict[str, 
 
 def build_optimizers(model: nn.Module, *, muon_lr: float, embed_lr: float, head_lr: float, scalar_lr: float,
                      muon_momentum: float = 0.95, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
-                     adam_eps: float = 1e-10) -> tuple[torch.optim.Adam, Muon]:
+                     adam_eps: float = 1e-10, muon_check_finite: bool = True) -> tuple[torch.optim.Adam, Muon]:
     """Returns (adam, muon) over `split_parameters(model)`: Adam with one group each for "embed", "head"
     and "scalar" (fused kernels when on CUDA), and Muon with `weight_decay` for the hidden matrices.
     Every group records its base learning rate as group["initial_lr"] for the schedule to scale.
@@ -268,5 +268,5 @@ def build_optimizers(model: nn.Module, *, muon_lr: float, embed_lr: float, head_
     on_cuda = all(p.is_cuda for group in adam_groups for p in group["params"])
     adam = torch.optim.Adam(adam_groups, betas=adam_betas, eps=adam_eps, fused=on_cuda)
     muon = Muon([dict(params=groups["muon"], initial_lr=muon_lr)], lr=muon_lr, momentum=muon_momentum,
-                weight_decay=weight_decay)
+                weight_decay=weight_decay, check_finite=muon_check_finite)
     return adam, muon

@@ -94,6 +94,7 @@ def divergence(step: int, val_loss: float, untrained_val_loss: float, num_iterat
 # ----------------------------------------------------------------------------------------------
 # Run names and checkpoints
 
+
 def run_paths(run_name: str) -> tuple:
     """(its log, its checkpoint folder)."""
     return f"logs/{run_name}.txt", os.path.join("checkpoints", run_name)
@@ -125,8 +126,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str, model: nn.Module, hp, step: int, training_state: dict | None = None):
     """Atomically (temporary file, then rename): plain tensors and dicts, loadable with weights_only=True;
-    the hyperparameters (hp, a dataclass) and model.config rebuild the model. training_state (optimizer states and the like, see Trainer.save) makes it resumable. Temporary files that
-    an interrupted write left in the folder are removed first."""
+    the hyperparameters (hp, a dataclass) and model.config rebuild the model. training_state (optimizer
+    states and the like, see Trainer.save) makes it resumable. Temporary files that an interrupted write
+    left in the folder are removed first."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
@@ -140,6 +142,7 @@ def save_checkpoint(path: str, model: nn.Module, hp, step: int, training_state: 
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
 
 def read_checkpoint(path: str) -> dict:
     """A checkpoint's contents, loaded with weights_only=True; CheckpointError with one line when path is no
@@ -176,7 +179,6 @@ def check_resumable(payload: dict, hp, world_size: int) -> dict:
         raise CheckpointError(f"{hp.resume}: trained with other settings ({first_few(differences)}); set them as "
                               "they were to resume")
     return payload
-
 
 
 def cpu_copy(tree):

@@ -707,15 +707,15 @@ def make_optimizers(model: GPT, hp: Hyperparameters, device: torch.device):
     Parallax's r gains get an Adam group at r_gain_lr, and W_r its matrix optimizer's rate x r_lr_mult."""
     from muon import build_optimizers
 
+    # muon_check_finite: a host sync per step; training_loop stops on a non-finite loss instead
     adam, muon = build_optimizers(model, muon_lr=hp.muon_lr, embed_lr=hp.embed_lr, head_lr=hp.head_lr,
                                   scalar_lr=hp.scalar_lr, muon_momentum=hp.muon_momentum,
-                                  weight_decay=hp.weight_decay)
+                                  weight_decay=hp.weight_decay, muon_check_finite=False)
     attentions = [block.attn for block in model.blocks]
     r_gains = [attn.r_gain for attn in attentions if attn.r_gain is not None]
     r_weights = [attn.r.weight for attn in attentions if attn.r is not None]
     regroup(adam, r_gains, hp.r_gain_lr)
     adam_params = [p for group in adam.param_groups for p in group["params"]]
-    muon.check_finite = False  # a host sync per step; training_loop stops on a non-finite loss instead
     if hp.optimizer == "muon":
         regroup(muon, r_weights, hp.muon_lr * hp.r_lr_mult)
         return [adam, muon], adam_params, muon
