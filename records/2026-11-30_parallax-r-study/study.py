@@ -162,8 +162,7 @@ def table(log_dirs):
                       if arm in SWEEP_CANDIDATES}
         if wave == "sweep" and candidates:
             print(f"\nwinner by the fixed rule: {min(candidates, key=candidates.get)}")
-    for log_dir in log_dirs:
-        print_equal_time(log_dir)
+    print_equal_time(log_dirs, {arm: runs for (wave, arm), runs in by_arm.items() if wave == "confirm"})
 
 
 def mean_curve(runs):
@@ -205,27 +204,26 @@ def steady_step_ms(path):
     return (times[last] - times[STEADY_FROM]) / (last - STEADY_FROM)
 
 
-def print_equal_time(log_dir):
+def print_equal_time(log_dirs, confirm):
     """The steptime wave's step times (a run's console output .out where its .txt log is missing), and
-    with the confirmation's steps to softmax's final loss, each arm's time to it."""
+    with the steps to softmax's final loss of the confirmation's runs (confirm: arm -> runs), each arm's
+    time to it."""
     logs = {}
-    for path in sorted(glob.glob(os.path.join(log_dir, "steptime-*-s0.out")) +
-                       glob.glob(os.path.join(log_dir, "steptime-*-s0.txt"))):
-        logs[os.path.basename(path)[len("steptime-"):-len("-s0.txt")]] = path  # a .txt replaces the .out
+    for log_dir in log_dirs:
+        for path in sorted(glob.glob(os.path.join(log_dir, "steptime-*-s0.out")) +
+                           glob.glob(os.path.join(log_dir, "steptime-*-s0.txt"))):
+            logs[os.path.basename(path)[len("steptime-"):-len("-s0.txt")]] = path  # a .txt replaces the .out
     times = {arm: ms for arm, path in logs.items() if (ms := steady_step_ms(path)) is not None}
-    if "softmax" not in times:
+    if "softmax" not in times or "softmax" not in confirm:
         return
-    confirm = {}
-    for run in map(parse_log, find_logs([log_dir])):
-        if run["status"] == "complete" and arm_of(run)[0] == "confirm":
-            confirm.setdefault(arm_of(run)[1], []).append(run)
     target = mean_std([r["final_val_loss"] for r in confirm["softmax"]])[0]
     steps = {arm: steps_to(mean_curve(runs), target) for arm, runs in confirm.items()}
     print(f"\n## equal time (compiled, one run at a time, ms per step after step {STEADY_FROM}; steps to "
           f"softmax's final loss {target:.4f} from the confirmation)\n")
     print("| arm | ms/step | x softmax | steps to target | time to target (s) | x softmax | break-even steps |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    base_steps = steps["softmax"] = confirm["softmax"][0]["num_iterations"]  # softmax's final loss, by definition
+    base_steps = confirm["softmax"][0]["num_iterations"]
+    steps["softmax"] = base_steps  # softmax reaches its own final loss at its last step, by definition
     for arm, ms in sorted(times.items(), key=lambda item: item[1]):
         ratio = ms / times["softmax"]
         reached = steps.get(arm)
