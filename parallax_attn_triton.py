@@ -18,10 +18,9 @@ from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, d
 # sees key j when lo_i <= j <= pos_i, where lo_i = max(start of i's document, pos_i - window + 1).
 # Both bounds grow with i, so a block's key range is [lo of its first row, pos of its last row].
 #
-# The backward needs, per query row, b_i = g_i . o1_i with o1 = softmax attention's output. o1 is not
-# saved (only O(T) state is), so the dQ kernel first sweeps the keys once to accumulate
-# b_i = sum_j p_ij (g_i . v_j), then sweeps again for dQ and dR, and stores b and c_i = g_i . o_i for
-# the dK/dV kernel.
+# The backward needs, per query row, b_i = g_i . o1_i with o1 = softmax attention's output: the forward
+# saves o1 (normalized, in q's dtype: one more (B, T, H, D) tensor per call), so the dQ kernel sweeps the
+# keys once, for dQ and dR, and stores b and c_i = g_i . o_i for the dK/dV kernel.
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -101,7 +100,7 @@ def _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2, 
 
 
 @triton.jit
-def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
+def _fwd_kernel(Q, R, K, V, O, O1, LSE, TMEAN, DOC_START,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 Tq, Tk, n_heads, group, window, scale_log2,
                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
@@ -124,6 +123,8 @@ def _fwd_kernel(Q, R, K, V, O, LSE, TMEAN, DOC_START,
     t = d2 / d1
     o = parallax_output(o1, o2, d1, d2)
     tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    softmax_out = o1 / tl.where(d1 > 0, d1, float("inf"))[:, None]  # 0 for a row without visible keys
+    tl.store(O1 + q_off, softmax_out.to(O1.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + stat_off, m_i + tl.log2(d1), mask=row_ok)
     tl.store(TMEAN + stat_off, t, mask=row_ok)
 
@@ -133,17 +134,6 @@ def _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2):
     """Recomputed softmax probabilities of a (query rows, keys) tile."""
     p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
     return tl.where(_visible(pos, lo, kpos), p, 0.0)
-
-
-@triton.jit
-def _bdot_tile(q, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, scale_log2, bdot,
-               BLOCK_N: tl.constexpr):
-    kpos = start_n + tl.arange(0, BLOCK_N)
-    kv_off = kv_base + kpos[:, None] * stride_kt
-    k = _load_rows(K, kv_off, kpos, Tk)
-    v = _load_rows(V, kv_off, kpos, Tk)
-    p = _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2)
-    return bdot + tl.sum(p * tl.dot(g, tl.trans(v)), axis=1)
 
 
 @triton.jit
@@ -164,7 +154,7 @@ def _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
+def _bwd_dq_kernel(Q, R, K, V, O, O1, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    Tq, Tk, n_heads, group, window, scale_log2, scale,
                    D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
@@ -177,16 +167,13 @@ def _bwd_dq_kernel(Q, R, K, V, O, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
     g = tl.load(G + q_off, mask=row_ok[:, None], other=0.0)
     o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
     c = tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
+    softmax_out = tl.load(O1 + q_off, mask=row_ok[:, None], other=0.0)
+    bdot = tl.sum(g.to(tl.float32) * softmax_out.to(tl.float32), axis=1)  # b_i = g_i . o1_i = sum_j p_ij a_ij
     lse = tl.load(LSE + stat_off, mask=row_ok, other=0.0)
     t = tl.load(TMEAN + stat_off, mask=row_ok, other=0.0)
     k_start, k_end = tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1
 
-    # Sweep 1: b_i = g_i . o1_i = sum_j p_ij a_ij.
-    bdot = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(k_start, k_end, BLOCK_N):
-        bdot = _bdot_tile(q, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, scale_log2, bdot, BLOCK_N)
-
-    # Sweep 2: dL/ds = p [a - c + (t - u)(a - b)], dL/du = -p (a - b).
+    # One sweep: dL/ds = p [a - c + (t - u)(a - b)], dL/du = -p (a - b).
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     dr = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(k_start, k_end, BLOCK_N):
@@ -276,17 +263,17 @@ def _launch_args(q, k, window):
 
 def _forward(q, r, k, v, doc_start, window, scale):
     B, Tq, Hq, D = q.shape
-    o = torch.empty_like(q)
+    o, softmax_out = torch.empty_like(q), torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     t = torch.empty_like(lse)
     tile = _tile("fwd")
     _fwd_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
-        q, r, k, v, o, lse, t, doc_start if doc_start is not None else lse,
+        q, r, k, v, o, softmax_out, lse, t, doc_start if doc_start is not None else lse,
         scale_log2=scale * LOG2E, VARLEN=doc_start is not None, **_launch_args(q, k, window), **tile)
-    return o, lse, t
+    return o, softmax_out, lse, t
 
 
-def _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
+def _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window, scale):
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     dq, dr = torch.empty_like(q), torch.empty_like(r)
@@ -296,7 +283,7 @@ def _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
     common = dict(scale_log2=scale * LOG2E, scale=scale, VARLEN=varlen, **_launch_args(q, k, window))
     tile = _tile("dq")
     _bwd_dq_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
-        q, r, k, v, o, g, lse, t, doc_start if varlen else lse, dq, dr, bdot, cdot, **common, **tile)
+        q, r, k, v, o, softmax_out, g, lse, t, doc_start if varlen else lse, dq, dr, bdot, cdot, **common, **tile)
     tile = _tile("dkdv")
     _bwd_dkdv_kernel[(triton.cdiv(Tk, tile["BLOCK_N"]), B * Hkv)](
         q, r, k, v, g, lse, t, bdot, cdot, doc_start if varlen else lse, doc_end if varlen else lse,
@@ -311,42 +298,44 @@ def _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
 @torch.library.custom_op("parallax::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, r, k, v = (x.contiguous() for x in (q, r, k, v))  # the kernels share q's strides for r, g, o
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, r, k, v = (x.contiguous() for x in (q, r, k, v))  # the kernels share q's strides for r, g, o, o1
     return _forward(q, r, k, v, doc_start, window, scale)
 
 
 @_forward_op.register_fake
 def _(q, r, k, v, doc_start, doc_end, window, scale):
     stats = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    outputs = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(2)]
+    return *outputs, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("parallax::backward", mutates_args=())
 def _backward_op(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 o: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, doc_start: torch.Tensor | None,
-                 doc_end: torch.Tensor | None, window: int, scale: float
+                 o: torch.Tensor, softmax_out: torch.Tensor, lse: torch.Tensor, t: torch.Tensor,
+                 doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g, q, r, k, v = (x.contiguous() for x in (g, q, r, k, v))
-    return _backward(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale)
+    return _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window, scale)
 
 
 @_backward_op.register_fake
-def _(g, q, r, k, v, o, lse, t, doc_start, doc_end, window, scale):
+def _(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window, scale):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, r, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     q, r, k, v, doc_start, doc_end, window, scale = inputs
-    o, lse, t = output
-    ctx.mark_non_differentiable(lse, t)
-    ctx.save_for_backward(q, r, k, v, o, lse, t, doc_start, doc_end)
+    o, softmax_out, lse, t = output
+    ctx.mark_non_differentiable(softmax_out, lse, t)
+    ctx.save_for_backward(q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end)
     ctx.window, ctx.scale = window, scale
 
 
-def _backward_rule(ctx, grad_o, grad_lse, grad_t):
-    q, r, k, v, o, lse, t, doc_start, doc_end = ctx.saved_tensors
-    dq, dr, dk, dv = _backward_op(grad_o, q, r, k, v, o, lse, t, doc_start, doc_end, ctx.window, ctx.scale)
+def _backward_rule(ctx, grad_o, grad_softmax_out, grad_lse, grad_t):
+    q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end = ctx.saved_tensors
+    dq, dr, dk, dv = _backward_op(grad_o, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, ctx.window,
+                                  ctx.scale)
     return dq, dr, dk, dv, None, None, None, None
 
 
@@ -369,7 +358,8 @@ def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, 
     window: visible keys including the diagonal (FlashAttention's (left, 0) is window = left + 1).
     scale multiplies q.k only (default D**-0.5); r.k is not scaled. max_seqlen is accepted for
     FlashAttention-style call sites and only checked: the kernels derive ranges from cu_seqlens.
-    Returns q's dtype and shape. Saved for backward beyond the inputs and output: O(B * Hq * Tq).
+    Returns q's dtype and shape. Saved for backward beyond the inputs and output: softmax attention's
+    output o1 (q's shape and dtype) and O(B * Hq * Tq) statistics.
     """
     check_shapes(q, r, k, v, cu_seqlens, window, scale, allow_cpu=False, dtypes=HALF_DTYPES,
                  head_dims=SUPPORTED_HEAD_DIMS)
@@ -377,5 +367,5 @@ def parallax_attn(q, r, k, v, *, cu_seqlens=None, max_seqlen=None, window=None, 
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     doc_start, doc_end = (None, None) if cu_seqlens is None else _document_bounds(cu_seqlens, q.shape[1])
-    o, _, _ = _forward_op(q, r, k, v, doc_start, doc_end, window or 0, scale)
+    o, _, _, _ = _forward_op(q, r, k, v, doc_start, doc_end, window or 0, scale)
     return o
