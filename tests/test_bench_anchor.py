@@ -11,6 +11,8 @@ from bench import anchor
 
 STAND_IN = '''import os
 import torch
+def _(g: Tensor, x_f8: Tensor, w_f8: Tensor, *_):
+    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32)
 torch._inductor.config.coordinate_descent_tuning = True
 def distributed_data_generator(filename_pattern, batch_size, rank, world_size):
     files = sorted(Path.cwd().glob(filename_pattern))
@@ -40,6 +42,7 @@ def test_every_change_lands_once(coordinate_descent):
     for expected in ['train_files = os.environ["ANCHOR_TRAIN_FILES"]', 'val_files = os.environ["ANCHOR_VAL_FILES"]',
                      "val_tokens = 65536", "batch_size = 64*1024", "val_loss_every = 0", "train_steps = 20\n",
                      "window_size = 896\n", "if step in (10, 15, 20):",
+                     "w_f8.to(torch.float32).t().contiguous().t()\n",
                      'files = sorted(map(Path, __import__("glob").glob(filename_pattern)))',
                      f"coordinate_descent_tuning = {coordinate_descent}"]:
         assert code.count(expected) == 1, expected
