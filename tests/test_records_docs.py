@@ -66,8 +66,10 @@ def test_proxy_study_differences_are_welch_on_the_logs():
 R_STUDY = os.path.join(ROOT, "records", "2026-11-30_parallax-r-study")
 
 
-@pytest.mark.parametrize("wave, seeds", [("confirm", (2, 3, 4, 5)), ("corpus2", (0, 1, 2))])
-def test_r_study_tables_quote_the_logs(wave, seeds):
+@pytest.mark.parametrize("wave, seeds, heading", [("confirm", (2, 3, 4, 5), "## Confirmation"),
+                                                  ("confirm2", tuple(range(6, 14)), "## Second confirmation"),
+                                                  ("corpus2", (0, 1, 2), "## Second corpus")])
+def test_r_study_tables_quote_the_logs(wave, seeds, heading):
     """The r study's confirmation and second-corpus rows: each seed's final loss, the mean and std, the
     difference from softmax and Welch's p, recomputed from the logs."""
     runs = [compare.parse_log(path) for path in compare.find_logs([os.path.join(R_STUDY, "logs")])]
@@ -77,7 +79,7 @@ def test_r_study_tables_quote_the_logs(wave, seeds):
         if name_wave == wave and run["status"] == "complete":
             losses.setdefault(rest.rsplit("-s", 1)[0], {})[run["seed"]] = run["final_val_loss"]
     readme = read("records", "2026-11-30_parallax-r-study", "README.md")
-    section = readme[readme.index("## Confirmation" if wave == "confirm" else "## Second corpus"):]
+    section = readme[readme.index(heading):]
     softmax = [losses["softmax"][seed] for seed in seeds]
     for arm, by_seed in losses.items():
         row = re.search(rf"^\| {re.escape(arm)} \|(.*)$", section, re.M)

@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
-from compare import find_logs, parse_log, welch_t_test  # noqa: E402  (records/compare.py)
+from compare import parse_log, welch_t_test  # noqa: E402  (records/compare.py)
 
 # The proxy of the 2026-11-22 study: 6 layers of width 384, 3 heads of 128, 400 steps of 16K tokens, eager.
 PROXY = dict(NUM_LAYERS=6, MODEL_DIM=384, NUM_HEADS=3, HEAD_DIM=128, SEQ_LEN=16384, MICRO_BATCHES=1,
@@ -49,17 +49,19 @@ ARMS = {  # name -> settings on top of PROXY
     "head0-scale0.15": dict(HEAD0, ATTN_SCALE=0.15),
     "head0-pm": dict(HEAD0, PARAM_MATCHED=1),
 }
+SWEEP_ARMS = tuple(ARMS)  # the arms above; the AdamW arms below are not the sweep's
 SWEEP_CANDIDATES = ["head0", "channel0", "head0-gainlr0.01", "head0-gainlr0.16", "head0.1", "head0-norotary",
                     "head0-nonorm", "head0-wr0.5", "head0-wr2"]
 WINNER = "head0"  # what the fixed rule chose from the sweep (`table` prints it)
 ADAMW_RATES = (0.0018, 0.0054, 0.0162)  # the 2026-11-22 study's rate, x3, x9
-for _rate in ADAMW_RATES:
+ADAMW_LOW_RATE = 0.0006  # fixed after the three above ran (the lowest was the best for both arms); not yet run
+for _rate in ADAMW_RATES + (ADAMW_LOW_RATE,):
     ARMS[f"softmax-adamw{_rate}"] = dict(ATTENTION="softmax", OPTIMIZER="adamw", ADAMW_LR=_rate)
     ARMS[f"{WINNER}-adamw{_rate}"] = dict(ARMS[WINNER], OPTIMIZER="adamw", ADAMW_LR=_rate)
 
 # name -> (settings on top of each arm's, [(arm, seed)] in launch order). Wave names have no "-".
 WAVES = {
-    "sweep": ({}, [(arm, seed) for arm in ARMS if "adamw" not in arm for seed in (0, 1)]),
+    "sweep": ({}, [(arm, seed) for arm in SWEEP_ARMS for seed in (0, 1)]),
     # fresh seeds, never used in the sweep; the authors' r stays as an arm
     "confirm": ({}, [(arm, seed) for seed in (2, 3, 4, 5) for arm in ("softmax", WINNER, "authors", f"{WINNER}-pm")]),
     # a second confirmation, fixed before any of its runs: eight more fresh seeds (6-13) of softmax and the
@@ -68,6 +70,7 @@ WAVES = {
     # the second corpus, untuned: the winner as chosen on devdocs
     "corpus2": (dict(CORPUS="corpus2"), [(arm, seed) for seed in (0, 1, 2) for arm in ("softmax", WINNER)]),
     "adamw": ({}, [(f"{attention}-adamw{rate}", 0) for rate in ADAMW_RATES for attention in ("softmax", WINNER)]),
+    "adamw2": ({}, [(f"{attention}-adamw{ADAMW_LOW_RATE}", 0) for attention in ("softmax", WINNER)]),
     # the longer horizon: 1000 steps (16.4M of devdocs' 22M train tokens); compiled, to fit the GPU time
     "horizon": (dict(NUM_ITERATIONS=1000, VAL_EVERY=100, COMPILE=1),
                 [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
@@ -138,8 +141,11 @@ def mean_std(values):
 
 
 def table(log_dirs):
+    """The waves' tables from the logs directly in log_dirs (logs/earlier and logs/hung, below them, hold
+    superseded and stalled runs)."""
     by_arm = {}
-    for run in map(parse_log, find_logs(log_dirs)):
+    logs = [path for log_dir in log_dirs for path in sorted(glob.glob(os.path.join(log_dir, "*.txt")))]
+    for run in map(parse_log, logs):
         if run["status"] == "complete":
             by_arm.setdefault(arm_of(run), []).append(run)
     for wave in dict.fromkeys(w for w, _ in by_arm):
@@ -180,7 +186,7 @@ def steps_to(curve, target):
 
 
 def print_steps_to_target(arms, target):
-    print(f"\nsteps to softmax's mean final loss {target:.4f} (mean curves, validations every 50 steps):")
+    print(f"\nsteps to softmax's mean final loss {target:.4f} (mean curves, interpolated between validations):")
     for arm, runs in sorted(arms.items()):
         reached = steps_to(mean_curve(runs), target)
         print(f"  {arm}: {'not reached' if reached is None else f'{reached:.0f}'}")
