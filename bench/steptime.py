@@ -16,7 +16,6 @@ import argparse
 import gc
 import itertools
 import os
-import re
 import sys
 import time
 from dataclasses import replace
@@ -25,87 +24,13 @@ import torch
 
 import train_gpt as tg
 from bench.common import median_ms
+from bench.profiling import print_profile, profile_summary
 
 ARMS = {  # name -> the hyperparameters that make it
     "softmax": dict(attention="softmax", param_matched=False),
     "parallax-pm": dict(attention="parallax", param_matched=True),
     "parallax": dict(attention="parallax", param_matched=False),
 }
-
-# Profile categories, first match wins: (category, pattern on an event's name, pattern on the name of one of
-# its enclosing CPU ranges (for a kernel: those of the op that launched it), or None); case-insensitive.
-CATEGORIES = [
-    ("host syncs", r"cuda(Stream|Device|Event)Synchronize|Memcpy DtoH|aten::(item|_local_scalar_dense)$", None),
-    ("optimizer (Muon/Adam)", r"^Optimizer\.", r"^Optimizer\.step#"),
-    ("attention backward", r"_bwd_(dq|dkdv)_kernel|parallax::backward|flex_attention_backward|"
-                           r"(flash|fmha|attention).*(bwd|backward)", r"^parallax::backward$"),
-    ("attention forward", r"_fwd_kernel|parallax::forward|flex_attention|scaled_dot_product|flash|fmha",
-     r"^parallax::forward$"),
-    ("LM head + loss", r"cross_entropy|nll_?loss|log_?softmax|logsumexp|tanh", None),
-    ("matmuls", r"gemm|nvjet|cutlass|cublas|xmma|aten::(mm|bmm|addmm|matmul|linear)$|(^|_)b?mm(_|$)|"
-                r"\b(add)?b?mmbackward", None),
-    ("norms/rotary/elementwise", r"norm|rsqrt|rotary|elementwise|reduce_kernel|^triton_(poi|red|per)_|^cpp_fused|"
-                                 r"aten::(add|sub|mul|div|pow|mean|sum|cat|copy_|_to_copy|to|neg|exp|sigmoid|relu|"
-                                 r"square|sqrt|clamp|where|fill_|zero_|lerp_?|add_|mul_|div_)$", None),
-]
-OTHER = "other"
-CATEGORY_NAMES = [name for name, _, _ in CATEGORIES] + [OTHER]
-
-
-def category(name: str, enclosing: list) -> str:
-    """The category of an event called name, inside the CPU ranges named in enclosing."""
-    for label, own, outer in CATEGORIES:
-        if re.search(own, name, re.I) or (outer and any(re.search(outer, e, re.I) for e in enclosing)):
-            return label
-    return OTHER
-
-
-def _enclosing(event) -> list:
-    names = []
-    while (event := event.cpu_parent) is not None:
-        names.append(event.name)
-    return names
-
-
-def profile_summary(events) -> tuple:
-    """Sums a profile's events per category: ({category: [device us, host us]}, {name: [device us, host us]}
-    of the events in "other"). Host time: each CPU event's self time (its children's excluded), so nothing
-    is counted twice. Device time: the kernels each CPU event launched (the profiler lists them in its
-    .kernels), under the names of that event and its enclosing ranges; the kernels' own device-side
-    events are skipped, as torch's tables skip them."""
-    sums = {name: [0.0, 0.0] for name in CATEGORY_NAMES}
-    unmatched = {}
-
-    def add(name, enclosing, column, us):
-        label = category(name, enclosing)
-        sums[label][column] += us
-        if label == OTHER:
-            unmatched.setdefault(name, [0.0, 0.0])[column] += us
-
-    for event in events:
-        if event.is_async or event.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        enclosing = _enclosing(event)
-        add(event.name, enclosing, 1, event.self_cpu_time_total)
-        for kernel in event.kernels:
-            add(kernel.name, [event.name] + enclosing, 0, kernel.duration)
-    return sums, unmatched
-
-
-def print_profile(arm: str, sums: dict, unmatched: dict, steps: int, top: int):
-    total = [sum(s[i] for s in sums.values()) for i in (0, 1)]
-    print(f"\nprofile {arm} ({steps} steps): ms per step; device = kernel time, host = CPU self time (a sync's "
-          "is the CPU waiting for the device)")
-    print(f"{'category':<26} {'device ms':>10} {'device %':>8} {'host ms':>10} {'host %':>7}")
-    for name, (device_us, host_us) in list(sums.items()) + [("total", total)]:
-        print(f"{name:<26} {device_us / steps / 1e3:>10.3f} {100 * device_us / max(total[0], 1e-9):>8.1f} "
-              f"{host_us / steps / 1e3:>10.3f} {100 * host_us / max(total[1], 1e-9):>7.1f}")
-    if unmatched:
-        print(f"top unmatched names ({OTHER}), to refine CATEGORIES:")
-        for name, (device_us, host_us) in sorted(unmatched.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]:
-            print(f"  device {device_us / steps / 1e3:9.3f} ms  host {host_us / steps / 1e3:9.3f} ms  {name[:110]}")
-    print(flush=True)
-
 
 def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> dict:
     """Builds, warms up and times one arm; profiles it with --profile. Returns its table row."""

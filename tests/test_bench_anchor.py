@@ -1,11 +1,14 @@
 """bench/anchor.py's adaptation of the record's code, on a stand-in record (the real one is not in this
 repository): every change lands once, a record without one of the lines is refused by name, and the
-timing lines it appends print what the bench parses."""
+timing and profile lines it appends print what the bench parses and bench.steptime's table."""
 import contextlib
 import io
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import anchor
 
@@ -26,6 +29,7 @@ train_steps = args.num_iterations
 for step in range(train_steps + 1):
     timed_steps = float("nan") if step <= 11 else (step - 10) + 1 # <= 11 to avoid bug in val
     window_size = next_multiple_of_n(1728 * step / train_steps, n=128)
+    model.zero_grad(set_to_none=True)
 '''
 LOG = STAND_IN + "=" * 100 + "\nRunning Python 3.12\n" + "=" * 100 + "\nstep:0/1393 val_loss:10.8258\n"
 
@@ -66,3 +70,36 @@ def test_the_appended_timing_prints_the_line_the_bench_parses():
         exec(tail, {"torch": SimpleNamespace(cuda=cuda), "events": events})
     match = anchor.RESULT.match(printed.getvalue().strip())
     assert match is not None and match.groups() == ("3", "4", "110.00", "3072")
+
+
+def test_the_profile_follows_the_timed_steps():
+    """--profile N: one untraced step after the last timed one, then N traced ones, stepped after each
+    training step; without it the code has no profiler at all."""
+    code = anchor.adapted_code(STAND_IN, window=1792, steps=5, repeats=2, coordinate_descent=True, profile_steps=3)
+    assert "train_steps = 24\n" in code  # 10 warm-up + 2 x 5 timed + 1 + 3
+    start = code.index("    if step == 20:\n        profiler = torch.profiler.profile(")
+    assert "warmup=1, active=3, repeat=1" in code[start:start + 200]
+    assert code.index("model.zero_grad(set_to_none=True)\n    if profiler is not None:\n        profiler.step()") > 0
+    compile(code, "record_one_gpu.py", "exec")
+    plain = anchor.adapted_code(STAND_IN, window=1792, steps=5, repeats=2, coordinate_descent=True)
+    assert "profiler" not in plain and "train_steps = 20\n" in plain
+
+
+def test_the_appended_profile_prints_the_steptime_table(monkeypatch):
+    code = anchor.adapted_code(STAND_IN, window=1792, steps=4, repeats=3, coordinate_descent=True, profile_steps=2)
+    tail = code[code.index("\nprofiler.stop()"):]
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                      schedule=torch.profiler.schedule(wait=0, warmup=1, active=2, repeat=1))
+    profiler.start()
+    for _ in range(3):  # as the adapted loop steps it
+        torch.randn(32, 32) @ torch.randn(32, 32)
+        profiler.step()
+    monkeypatch.setenv("ANCHOR_BENCH_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the tail prepends the repository to it
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(tail, {"profiler": profiler, "sys": sys, "os": os})
+    lines = printed.getvalue().splitlines()
+    assert "profile anchor (2 steps)" in lines[1]
+    matmuls = next(line for line in lines if line.startswith("matmuls"))
+    assert float(matmuls.split()[-2]) > 0  # the matmuls' host time landed in their category

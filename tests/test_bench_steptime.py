@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from bench import steptime
+from bench import profiling, steptime
 from test_loader import write_shard
 from test_train import pattern_corpus
 
@@ -61,12 +61,12 @@ def test_every_profiled_time_lands_in_one_category(environ):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         trainer.train_step(0, batches)
     events = prof.events()
-    sums, unmatched = steptime.profile_summary(events)
-    assert list(sums) == steptime.CATEGORY_NAMES
+    sums, unmatched = profiling.profile_summary(events)
+    assert list(sums) == profiling.CATEGORY_NAMES
     host_total = sum(e.self_cpu_time_total for e in events if not e.is_async)
     assert sum(host for _, host in sums.values()) == pytest.approx(host_total)
     assert sum(device for device, _ in sums.values()) == 0  # no device
-    assert [sum(column) for column in zip(*unmatched.values())] == pytest.approx(sums[steptime.OTHER])
+    assert [sum(column) for column in zip(*unmatched.values())] == pytest.approx(sums[profiling.OTHER])
     assert sums["optimizer (Muon/Adam)"][1] > 0 and sums["matmuls"][1] > 0
 
 
@@ -87,10 +87,10 @@ def test_kernels_count_under_the_op_that_launched_them():
               FakeEvent("aten::mm", backward, 1.0, [("nvjet_tst_128x64", 11.0)]),
               FakeEvent("mystery", None, 0.5, [("mystery_kernel", 3.0)]),
               FakeEvent("_bwd_dq_kernel", device_type=torch.autograd.DeviceType.CUDA)]
-    sums, unmatched = steptime.profile_summary(events)
+    sums, unmatched = profiling.profile_summary(events)
     assert sums["optimizer (Muon/Adam)"] == [7.0, 6.0]
     assert sums["attention backward"] == [41.0, 3.0]
-    assert sums[steptime.OTHER] == [3.0, 0.5]
+    assert sums[profiling.OTHER] == [3.0, 0.5]
     assert unmatched == {"mystery": [0.0, 0.5], "mystery_kernel": [3.0, 0.0]}
     assert sum(device for device, _ in sums.values()) == 7.0 + 30.0 + 11.0 + 3.0
 
@@ -103,9 +103,10 @@ def test_kernels_count_under_the_op_that_launched_them():
     ("nvjet_tst_192x192_64x4_2x1_v_bz_TNT", ["aten::mm"], "matmuls"),
     ("cudaStreamSynchronize", ["aten::_local_scalar_dense", "Optimizer.step#Muon.step"], "host syncs"),
     ("Memcpy DtoH (Device -> Pinned)", ["aten::copy_"], "host syncs"),
-    ("triton_per_fused__log_softmax_tanh_0", [], "LM head + loss"),
+    ("triton_per_fused__log_softmax_tanh_0", [], "loss over the logits"),
+    ("triton_red_fused__log_softmax_div_mul_sigmoid_0", [], "loss over the logits"),
     ("triton_red_fused__to_copy_mean_pow_rsqrt_1", [], "norms/rotary/elementwise"),
     ("ncclDevKernel_AllReduce_Sum_f32", [], "other"),
 ])
 def test_category_names(name, enclosing, expected):
-    assert steptime.category(name, enclosing) == expected
+    assert profiling.category(name, enclosing) == expected
