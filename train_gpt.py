@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import metadata
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -275,7 +276,9 @@ def document_boundaries(inputs: Tensor, max_doc_len: int = 0) -> Tensor:
     """cu_seqlens for packed documents: a boundary at every BOS, and at 0 (a document cut at the start
     of the batch is a segment of its own); with max_doc_len, longer segments are split into pieces."""
     T = inputs.numel()
-    starts = (inputs == BOS).nonzero().flatten()
+    # in numpy: torch's eq and nonzero over a 64K-token batch use its intra-op thread pool, whose barriers
+    # can take milliseconds when other threads keep the cores busy, once per step on the training host
+    starts = torch.from_numpy(np.flatnonzero(inputs.numpy() == BOS))
     if starts.numel() == 0 or starts[0] != 0:
         starts = torch.cat([starts.new_zeros(1), starts])
     if max_doc_len:
