@@ -248,6 +248,7 @@ def interrupted_at_step(step: int, signal_number: int, monkeypatch):
 
 def test_an_interrupted_run_resumes_to_the_same_losses(quick_run, monkeypatch, capsys):
     hp = replace(quick_run, num_iterations=6, val_every=3)
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's, when started in the background
     assert tg.train(replace(hp, run_name="straight")) == 0
     with monkeypatch.context() as patch:
         interrupted_at_step(2, signal.SIGINT, patch)
@@ -255,7 +256,7 @@ def test_an_interrupted_run_resumes_to_the_same_losses(quick_run, monkeypatch, c
     assert capsys.readouterr().out.splitlines()[-1] == (
         "stopped: step:2/6 interrupted by SIGINT; saved checkpoints/stopped/state_step000002.pt; continue with "
         "RESUME=checkpoints/stopped/state_step000002.pt")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     assert parse_log("logs/stopped.txt")["status"].startswith("stopped: step:2/6 interrupted by SIGINT")
 
     assert tg.train(replace(hp, run_name="", resume="checkpoints/stopped/state_step000002.pt")) == 0
