@@ -157,6 +157,7 @@ def distributed_worker(rank, world, port, init, grads, out_dir):
             optimizer.step()
         buffers = {i: optimizer.state[p]["momentum_buffer"] for i, p in enumerate(params) if p in optimizer.state}
         torch.save(([p.detach() for p in params], buffers), out_dir / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
