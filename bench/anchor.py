@@ -71,8 +71,9 @@ def adapted_code(code: str, window: int, steps: int, repeats: int, coordinate_de
             ("        events[step].record()\n",
              "        events[step].record()\n"
              f"    if step == {marks[-1]}:\n"
-             "        profiler = torch.profiler.profile(schedule=torch.profiler.schedule(wait=0, warmup=1, "
-             f"active={profile_steps}, repeat=1))\n"
+             "        sys.path.insert(0, os.environ[\"ANCHOR_BENCH_ROOT\"])\n"
+             "        from bench.profiling import print_profile, profile_summary, step_profiler\n"
+             f"        profiler = step_profiler({profile_steps}, cuda=True)\n"
              "        profiler.start()\n"),
             ("    model.zero_grad(set_to_none=True)\n",
              "    model.zero_grad(set_to_none=True)\n"
@@ -96,8 +97,6 @@ print(f"ANCHOR ms per step (median of {repeats} x {steps}): {{step_ms[len(step_m
     if profile_steps:  # bench.steptime's categories, so the two tables compare line by line
         code += f"""
 profiler.stop()
-sys.path.insert(0, os.environ["ANCHOR_BENCH_ROOT"])
-from bench.profiling import print_profile, profile_summary
 print_profile("anchor", *profile_summary(profiler.events()), {profile_steps}, top=15)
 """
     return code

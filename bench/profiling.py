@@ -25,6 +25,14 @@ OTHER = "other"
 CATEGORY_NAMES = [name for name, _, _ in CATEGORIES] + [OTHER]
 
 
+def step_profiler(traced_steps: int, cuda: bool) -> torch.profiler.profile:
+    """A profiler for training steps, stepped (profiler.step()) after each: one untraced step, then
+    traced_steps traced ones; the CPU, and with cuda the GPU's kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities,
+                                  schedule=torch.profiler.schedule(wait=0, warmup=1, active=traced_steps, repeat=1))
+
+
 def category(name: str, enclosing: list) -> str:
     """The category of an event called name, inside the CPU ranges named in enclosing."""
     for label, own, outer in CATEGORIES:

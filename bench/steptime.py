@@ -24,13 +24,14 @@ import torch
 
 import train_gpt as tg
 from bench.common import median_ms
-from bench.profiling import print_profile, profile_summary
+from bench.profiling import print_profile, profile_summary, step_profiler
 
 ARMS = {  # name -> the hyperparameters that make it
     "softmax": dict(attention="softmax", param_matched=False),
     "parallax-pm": dict(attention="parallax", param_matched=True),
     "parallax": dict(attention="parallax", param_matched=False),
 }
+
 
 def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> dict:
     """Builds, warms up and times one arm; profiles it with --profile. Returns its table row."""
@@ -71,11 +72,7 @@ def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> d
     print(f"{arm}: {ms:.2f} ms per step", flush=True)  # before the profile, which can fail or run out of time
 
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        schedule = torch.profiler.schedule(wait=0, warmup=1, active=args.profile_steps, repeat=1)
-        with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+        with step_profiler(args.profile_steps, cuda=device.type == "cuda") as prof:
             for _ in range(1 + args.profile_steps):
                 trainer.train_step(next(steps), batches)
                 prof.step()

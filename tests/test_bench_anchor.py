@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -77,8 +78,8 @@ def test_the_profile_follows_the_timed_steps():
     training step; without it the code has no profiler at all."""
     code = anchor.adapted_code(STAND_IN, window=1792, steps=5, repeats=2, coordinate_descent=True, profile_steps=3)
     assert "train_steps = 24\n" in code  # 10 warm-up + 2 x 5 timed + 1 + 3
-    start = code.index("    if step == 20:\n        profiler = torch.profiler.profile(")
-    assert "warmup=1, active=3, repeat=1" in code[start:start + 200]
+    start = code.index("    if step == 20:\n")
+    assert "profiler = step_profiler(3, cuda=True)\n        profiler.start()\n" in code[start:start + 300]
     assert code.index("model.zero_grad(set_to_none=True)\n    if profiler is not None:\n        profiler.step()") > 0
     compile(code, "record_one_gpu.py", "exec")
     plain = anchor.adapted_code(STAND_IN, window=1792, steps=5, repeats=2, coordinate_descent=True)
@@ -87,18 +88,19 @@ def test_the_profile_follows_the_timed_steps():
 
 def test_the_appended_profile_prints_the_steptime_table(monkeypatch):
     code = anchor.adapted_code(STAND_IN, window=1792, steps=4, repeats=3, coordinate_descent=True, profile_steps=2)
+    first = code.index("    if step == 22:\n")
+    start = textwrap.dedent(code[first:code.index("profiler.start()\n", first) + len("profiler.start()\n")])
     tail = code[code.index("\nprofiler.stop()"):]
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                      schedule=torch.profiler.schedule(wait=0, warmup=1, active=2, repeat=1))
-    profiler.start()
+    monkeypatch.setenv("ANCHOR_BENCH_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the start prepends the repository to it
+    script = {"sys": sys, "os": os, "step": 22}  # the record's globals the added lines use
+    exec(start, script)
     for _ in range(3):  # as the adapted loop steps it
         torch.randn(32, 32) @ torch.randn(32, 32)
-        profiler.step()
-    monkeypatch.setenv("ANCHOR_BENCH_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the tail prepends the repository to it
+        script["profiler"].step()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(tail, {"profiler": profiler, "sys": sys, "os": os})
+        exec(tail, script)
     lines = printed.getvalue().splitlines()
     assert "profile anchor (2 steps)" in lines[1]
     matmuls = next(line for line in lines if line.startswith("matmuls"))
