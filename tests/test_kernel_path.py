@@ -1,10 +1,11 @@
 """The model, training loop and sampler run through the Triton kernels on the CPU (interpreter, fp16),
 against the same runs through the reference.
 
-On the CPU train_gpt.py calls parallax_reference for training attention and parallax_decode's reference
-backend for decode; these tests replace those two names in train_gpt with stand-ins that run the kernels
-instead (parallax_attn for training and prefill, parallax_decode_triton for decode), so the model's
-calls (arguments, layout, scale, window, documents) reach the kernels unchanged."""
+On the CPU the model calls parallax_reference for training attention (in parallax_kernels.packed_attention)
+and parallax_decode's reference backend for decode; these tests replace those two names in parallax_kernels
+and generate with stand-ins that run the kernels instead (parallax_attn for training and prefill,
+parallax_decode_triton for decode), so the model's calls (arguments, layout, scale, window, documents)
+reach the kernels unchanged."""
 from dataclasses import replace
 
 import pytest
@@ -20,7 +21,7 @@ from test_train import packed_batch, randomized, smoke_run, tiny_config  # noqa:
 
 
 def route_through_kernels(monkeypatch):
-    """Route train_gpt's CPU attention through the Triton kernels; counts the calls that reached them."""
+    """Route the model's CPU attention through the Triton kernels; counts the calls that reached them."""
     calls = {"attn": 0, "decode": 0}
 
     def attn(q, r, k, v, **kwargs):  # in place of parallax_reference (float32 on the CPU)
@@ -32,7 +33,7 @@ def route_through_kernels(monkeypatch):
         half = (x.half() for x in (q, r, k_cache, v_cache))
         return parallax_decode.parallax_decode_triton(*half, lengths, window=window, scale=scale).to(q.dtype)
 
-    monkeypatch.setattr(tg, "parallax_reference", attn)
+    monkeypatch.setattr(parallax_kernels, "parallax_reference", attn)
     monkeypatch.setattr(gen, "parallax_decode", decode)
     return calls
 

@@ -1,10 +1,13 @@
 """Parallax training attention: the reference against autograd and SDPA, the Triton kernels
-against the reference (CPU under TRITON_INTERPRET=1 in fp16, the GPU in bf16 at real sizes)."""
+against the reference (CPU under TRITON_INTERPRET=1 in fp16, the GPU in bf16 at real sizes); and the
+softmax masks of packed_attention (FlexAttention's block mask against the dense mask)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
-from parallax_kernels import parallax_attn, parallax_reference
+import parallax_kernels
+from parallax_kernels import dense_visibility, document_ids, flex_block_mask, parallax_attn, parallax_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -187,3 +190,43 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(out, eager)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+def listed_blocks(counts, indices):
+    """(n, n) bool: the key blocks a BlockMask lists for each query block (the first count of its row)."""
+    n = indices.shape[-1]
+    listed = torch.arange(n)[None, :] < counts[0, 0][:, None]
+    return torch.zeros(n, n, dtype=torch.bool).scatter_(-1, indices[0, 0].long(), listed)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("boundaries", [[0, 37, 200, 201, 390, 512], [0, 300, 512]])
+def test_flex_block_mask_matches_the_dense_mask(boundaries):
+    """The block summaries (full / partial / skipped) of the FlexAttention mask, checked on the CPU: block
+    by block against the dense mask (eager flex_attention applies mask_mod everywhere, so its output
+    alone would not show a wrong summary), and flex_attention's output against SDPA's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 64) for _ in range(3))
+    doc_ids = document_ids(torch.tensor(boundaries, dtype=torch.int32), 512)
+    for window in (1, 50, 128, 129, 255, 256, 300, 1000):  # 255 | 256: a block 128 back turns full
+        block_mask, visibility = flex_block_mask(doc_ids, window), dense_visibility(doc_ids, window)
+        seen = visibility.view(4, 128, 4, 128)
+        any_seen, all_seen = seen.any(3).any(1), seen.all(3).all(1)
+        assert torch.equal(listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices), all_seen)
+        assert torch.equal(listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices), any_seen & ~all_seen)
+        y = flex_attention(q, k, v, block_mask=block_mask, scale=0.12)
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=visibility, scale=0.12)
+        torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 128])
+def test_block_lists_put_each_rows_blocks_first_in_order(n):
+    """A BlockMask reads the first count indices of each row: they must be the row's blocks, ascending,
+    and the row must still be a permutation (as a stable descending argsort of the map gives)."""
+    torch.manual_seed(n)
+    for density in (0.0, 0.3, 1.0):
+        block_map = torch.rand(n, n) < density
+        counts, indices = parallax_kernels._block_lists(block_map)
+        expected = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
+        assert torch.equal(counts[0, 0], block_map.sum(-1).int())
+        assert torch.equal(indices[0, 0], expected.int())

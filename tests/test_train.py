@@ -163,32 +163,6 @@ def test_r_learning_rates_get_groups_of_their_own(optimizer):
         assert any(p is block.attn.r_gain for p in averaged)  # Adam's gradients are averaged by the loop
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_block_mask_matches_the_dense_mask():
-    """The block summaries (full / partial / skipped) of the FlexAttention mask, checked on the CPU."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 512, 64) for _ in range(3))
-    doc_ids = tg.document_ids(torch.tensor([0, 37, 200, 201, 390, 512], dtype=torch.int32), 512)
-    for window in (1, 50, 128, 129, 300, 1000):
-        y = tg.flex_attention(q, k, v, block_mask=tg.flex_block_mask(doc_ids, window), scale=0.12)
-        dense = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=tg.dense_visibility(doc_ids, window), scale=0.12)
-        torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("n", [1, 5, 128])
-def test_block_lists_put_each_rows_blocks_first_in_order(n):
-    """A BlockMask reads the first count indices of each row: they must be the row's blocks, ascending,
-    and the row must still be a permutation (as a stable descending argsort of the map gives)."""
-    torch.manual_seed(n)
-    for density in (0.0, 0.3, 1.0):
-        block_map = torch.rand(n, n) < density
-        counts, indices = tg._block_lists(block_map)
-        expected = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
-        assert torch.equal(counts[0, 0], block_map.sum(-1).int())
-        assert torch.equal(indices[0, 0], expected.int())
-
-
 def test_non_finite_loss_stops_with_exit_code_1(smoke_run, monkeypatch, capsys):
     forward, calls = tg.GPT.forward, itertools.count()
 
