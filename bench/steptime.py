@@ -25,6 +25,7 @@ import torch
 import train_gpt as tg
 from bench.common import median_ms
 from bench.profiling import print_profile, profile_summary, step_profiler
+from gpt2_data import check_enough_tokens
 
 ARMS = {  # name -> the hyperparameters that make it
     "softmax": dict(attention="softmax", param_matched=False),
@@ -124,8 +125,8 @@ def main(argv=None, environ=os.environ) -> int:
         hp = bench_hyperparameters(environ)
         tg.check_hyperparameters(hp, 1)
         steps_per_arm = args.warmup_steps + args.repeats * args.steps + (1 + args.profile_steps) * args.profile
-        tg.check_enough_tokens(hp.train_files, steps_per_arm * hp.micro_batches * hp.seq_len + 1,
-                               f"{steps_per_arm} steps of {hp.micro_batches} x {hp.seq_len} tokens")
+        check_enough_tokens(hp.train_files, steps_per_arm * hp.micro_batches * hp.seq_len + 1,
+                            f"{steps_per_arm} steps of {hp.micro_batches} x {hp.seq_len} tokens")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     device = tg.training_device(hp, 0)

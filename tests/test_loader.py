@@ -1,4 +1,4 @@
-"""The shard reader and the distributed loader of train_gpt.py, on synthetic shards written here."""
+"""The shard reader (gpt2_data.py) and the distributed loader of train_gpt.py, on synthetic shards written here."""
 import itertools
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from gpt2_data import SHARD_MAGIC, SHARD_VERSION
+from gpt2_data import SHARD_MAGIC, SHARD_VERSION, load_shard
 
 
 def write_shard(path, tokens, *, magic=SHARD_MAGIC, version=SHARD_VERSION, count=None):
@@ -42,7 +42,7 @@ def two_shards(tmp_path):
 def test_load_shard_reads_tokens(tmp_path):
     tokens = unique_token_corpus(1000, seed=0)
     write_shard(tmp_path / "ok.bin", tokens)
-    loaded = tg.load_shard(tmp_path / "ok.bin")
+    loaded = load_shard(tmp_path / "ok.bin")
     assert loaded.dtype == torch.uint16
     assert np.array_equal(loaded.numpy(), tokens)
 
@@ -58,13 +58,13 @@ def test_bad_shards_are_rejected_naming_the_file(tmp_path, problem, write, messa
     path = tmp_path / "broken_shard.bin"
     write(path)
     with pytest.raises(ValueError, match=message) as err:
-        tg.load_shard(path)
+        load_shard(path)
     assert str(path) in str(err.value), problem
 
 
 def test_missing_shard_says_how_to_get_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="cached_fineweb10B.py") as err:
-        tg.load_shard(tmp_path / "nowhere.bin")
+        load_shard(tmp_path / "nowhere.bin")
     assert "nowhere.bin" in str(err.value)
     with pytest.raises(FileNotFoundError, match="TRAIN_FILES"):
         next(tg.distributed_data_generator(str(tmp_path / "none_*.bin"), 128, 0, 1))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from gpt2_data import load_shard, shard_files
 from records.compare import parse_log
 from safeguards import one_edit_apart
 from test_loader import write_shard
@@ -48,8 +49,8 @@ def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path):
     write_shard(path, [tg.BOS, 5, 60_000, 7])
     with pytest.raises(ValueError, match=r"other_tokenizer_000000.bin: token id 60000 is outside the vocabulary "
                                          r"\(50304 ids\).*tokenize_text.py"):
-        tg.load_shard(path, vocab_size=50304)
-    assert tg.load_shard(path).tolist() == [tg.BOS, 5, 60_000, 7]  # the format itself is fine
+        load_shard(path, vocab_size=50304)
+    assert load_shard(path).tolist() == [tg.BOS, 5, 60_000, 7]  # the format itself is fine
 
 
 def test_a_bad_shard_stops_training_with_one_line(smoke_run, monkeypatch, capsys):
@@ -64,7 +65,7 @@ def test_a_folder_matching_the_shard_pattern_is_refused(tmp_path):
     write_shard(tmp_path / "x_train_000001.bin", [tg.BOS, 1, 2])
     (tmp_path / "x_train_backup").mkdir()
     with pytest.raises(ValueError, match="matches the folder .*x_train_backup, not only shard files"):
-        tg.shard_files(str(tmp_path / "x_train_*"))
+        shard_files(str(tmp_path / "x_train_*"))
 
 
 # ----------------------------------------------------------------------------------------------

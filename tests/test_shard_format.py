@@ -23,7 +23,7 @@ def test_format_constants_are_pinned():
     """gpt2_data states the format once; train_gpt.py and the data scripts read and write through it."""
     assert (gpt2_data.SHARD_MAGIC, gpt2_data.SHARD_VERSION, gpt2_data.HEADER_INTS, gpt2_data.HEADER_BYTES) == \
         (MAGIC, VERSION, HEADER_INTS, 4 * HEADER_INTS)
-    assert tg.read_shard_header is fineweb.read_shard_header is gpt2_data.read_shard_header
+    assert fineweb.read_shard_header is gpt2_data.read_shard_header
     assert tg.BOS == tokenize_text.BOS == 50256  # GPT-2's end-of-text begins every document
 
 
@@ -36,8 +36,8 @@ def hand_written_shard(path, tokens):
 def test_a_hand_written_shard_reads_in_both_readers(tmp_path):
     tokens = [50256, 0, 1, 65535, 50256, 300]
     hand_written_shard(tmp_path / "hand.bin", tokens)
-    assert tg.read_shard_header(tmp_path / "hand.bin") == len(tokens)
-    assert tg.load_shard(tmp_path / "hand.bin").tolist() == tokens
+    assert gpt2_data.read_shard_header(tmp_path / "hand.bin") == len(tokens)
+    assert gpt2_data.load_shard(tmp_path / "hand.bin").tolist() == tokens
     assert fineweb.read_shard_header(str(tmp_path / "hand.bin")) == len(tokens)
 
 
@@ -68,13 +68,13 @@ def test_tokenized_text_trains_through_the_loader(tmp_path):
     def decoded(tokens):
         assert tokens[0] == tg.BOS
         return [encoding.decode(p[1:].tolist()) for p in np.split(tokens, np.flatnonzero(tokens == tg.BOS)[1:])]
-    stream = torch.cat([tg.load_shard(p) for p in shards["train"]]).numpy()
-    val = torch.cat([tg.load_shard(p) for p in shards["val"]]).numpy()
+    stream = torch.cat([gpt2_data.load_shard(p) for p in shards["train"]]).numpy()
+    val = torch.cat([gpt2_data.load_shard(p) for p in shards["val"]]).numpy()
     assert sorted(decoded(stream) + decoded(val)) == sorted(documents)  # every document, once, intact
 
     pattern = str(tmp_path / "shards" / "corpus_train_*.bin")
-    assert sorted(tg.shard_files(pattern)) == sorted(shards["train"])
-    tg.check_enough_tokens(pattern, len(stream), "the test")
+    assert sorted(gpt2_data.shard_files(pattern)) == sorted(shards["train"])
+    gpt2_data.check_enough_tokens(pattern, len(stream), "the test")
     seq_len = 64
     served = list(tg.distributed_data_generator(pattern, seq_len, rank=0, world_size=1))
     assert len(served) == (len(stream) - 1) // seq_len
