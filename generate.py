@@ -1,6 +1,8 @@
 """Sampling from a trained model: a preallocated KV cache, one packed prefill of every prompt, then one
 token per row per decode step (Parallax through parallax_decode, softmax through SDPA), optionally
-torch.compiled and replayed from a CUDA graph. `python train_gpt.py sample` is its command line.
+torch.compiled and replayed from a CUDA graph. `python train_gpt.py sample` is its command line: its
+arguments and its text (prompts, encoding, streaming, printing) are here, the checkpoint's model is
+train_gpt.py's.
 
 It takes the model as an object (train_gpt.GPT: config, layer_windows, packed_attention, hidden_states,
 logits, lm_head) and imports nothing from train_gpt.py, which imports it.
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_data import BOS, GPT2_VOCAB
+from gpt2_data import BOS, GPT2_VOCAB, load_gpt2_encoding
 from parallax_kernels import parallax_decode, visible
 
 
@@ -212,3 +214,62 @@ def inference_device() -> torch.device:
 def prepare_for_inference(model, device: torch.device):
     model = model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample command of train_gpt.py
+
+
+def add_sample_arguments(parser):
+    """The sample command's arguments (safeguards.sampling_arguments_problem checks them)."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoints/<run-id>/state_step<N>.pt")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch of prompts)")
+    parser.add_argument("--prompts-file", help="a file of prompts, one per line")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50, help="0 for no top-k cut")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; faster)")
+    parser.add_argument("--bpe-file", help="local GPT-2 ranks file in tiktoken's format, to work offline")
+
+
+def sample_from(model, checkpoint: dict, args) -> int:
+    """The sample command on a checkpoint's model: encode the prompts, generate, print the text (streamed
+    as it is sampled when there is one sample); 1 when GPT-2's encoding cannot be loaded."""
+    try:
+        encoding = load_gpt2_encoding(args.bpe_file)
+    except Exception as err:
+        print(f"error: cannot load tiktoken's GPT-2 encoding ({type(err).__name__}); "
+              "offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 files, or pass "
+              "--bpe-file PATH to a GPT-2 ranks file in tiktoken's format (e.g. gpt2.tiktoken)", file=sys.stderr)
+        return 1
+    texts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        texts = [""]
+    device = inference_device()
+    model = prepare_for_inference(model, device)
+    use_graph = device.type == "cuda" and not args.no_graph
+    prompts = [[BOS] + encoding.encode_ordinary(text) for text in texts for _ in range(args.num_samples)]
+    stream = TextStream(encoding) if len(prompts) == 1 else None
+    print(f"checkpoint step {checkpoint['step']}, {model.config.attention} attention; device {device}, "
+          f"CUDA graph {'on' if use_graph else 'off'}", file=sys.stderr)
+    if stream is not None:
+        sys.stdout.write(texts[0])
+    result = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed, use_graph=use_graph, use_compile=args.compile and device.type == "cuda",
+                      on_token=stream.write if stream is not None else None)
+    if stream is not None:
+        stream.close()
+    else:
+        for i, tokens in enumerate(result.tokens):
+            print(f"---- sample {i + 1} (prompt {i // args.num_samples + 1}) ----")
+            print(texts[i // args.num_samples] + encoding.decode(tokens))
+    new_tokens = sum(map(len, result.tokens))
+    print(f"{new_tokens} tokens in {result.decode_s:.2f}s: {new_tokens / result.decode_s:.0f} tokens/s "
+          f"(after a {1000 * result.prefill_s:.0f} ms prefill)", file=sys.stderr)
+    return 0

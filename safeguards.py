@@ -1,16 +1,20 @@
 """The checks that keep a train_gpt.py run from failing late or losing its work, apart from the training
 they guard: misspelled settings, run names that would replace another run, atomic checkpoint writes,
 checked checkpoint reads (and what an unloadable one holds instead), the resume check, interrupts that
-wait for a step boundary, divergence at validation, and the sample command's arguments. train_gpt.py
-logs this file with its own code (its divergence rule and interrupt handling decide how runs end).
+wait for a step boundary, divergence at validation, the run log (whose header keeps the settings, the
+code and the versions a run ran with), and the sample command's arguments. train_gpt.py logs this file
+with its own code (its divergence rule and interrupt handling decide how runs end).
 """
 import glob
 import json
 import math
 import os
+import platform
 import shutil
 import signal
+import subprocess
 from dataclasses import asdict
+from importlib import metadata
 
 import torch
 import torch.distributed as dist
@@ -89,6 +93,62 @@ def divergence(step: int, val_loss: float, untrained_val_loss: float, num_iterat
     if step > 0 and step >= DIVERGENCE_GRACE * num_iterations and val_loss >= untrained_val_loss:
         return f"is no better than the untrained model's {untrained_val_loss:.4f}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run log
+
+
+class RunLog:
+    """logs/<run-id>.txt, written by rank 0 only; echo=True also prints the line."""
+
+    def __init__(self, path: str | None, append: bool = False):
+        self.file = None
+        if path is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.file = open(path, "a" if append else "w")
+
+    def write(self, text: str, echo: bool = False):
+        if self.file is None:
+            return
+        self.file.write(text + "\n")
+        self.file.flush()
+        if echo:
+            print(text, flush=True)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def environment_report() -> str:
+    lines = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
+    for package in ("triton", "nvidia-cutlass-dsl"):
+        try:
+            lines.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    if shutil.which("nvidia-smi"):
+        query = "index,name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.mem"
+        lines.append(subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
+                                    capture_output=True, text=True).stdout.rstrip())
+    else:
+        lines.append("no nvidia-smi: no GPU info")
+    return "\n".join(lines)
+
+
+def write_log_header(log: RunLog, hp, sources: tuple):
+    """The log's header: the hyperparameters (hp, a dataclass), the code of sources (file names next to
+    this one), the versions and the GPUs."""
+    log.write("hyperparameters: " + json.dumps(asdict(hp)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in sources:
+        log.write(f"==== {name} ====")
+        path = os.path.join(here, name)
+        log.write(open(path).read() if os.path.exists(path) else "(missing)")
+    log.write("==== environment ====")
+    log.write(environment_report())
+    log.write("=" * 100)
 
 
 # ----------------------------------------------------------------------------------------------

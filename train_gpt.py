@@ -35,18 +35,13 @@ same losses.
 """
 import argparse
 import itertools
-import json
 import math
 import os
-import platform
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields, replace
-from importlib import metadata
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -55,12 +50,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generate import TextStream, generate, inference_device, prepare_for_inference, synchronize
-from gpt2_data import BOS, TokenStream, check_enough_tokens, load_gpt2_encoding, shard_files
+from generate import add_sample_arguments, sample_from, synchronize
+from gpt2_data import BOS, TokenStream, check_enough_tokens, shard_files
 from parallax_kernels import FLEX_BLOCK, document_ids, packed_attention
-from safeguards import (CheckpointError, InterruptRequests, check_for_misspelled_settings, check_resumable,
+from safeguards import (CheckpointError, InterruptRequests, RunLog, check_for_misspelled_settings, check_resumable,
                         claim_run_name, cpu_copy, divergence, read_checkpoint, run_paths, sampling_arguments_problem,
-                        save_checkpoint, state_dict_mismatch)
+                        save_checkpoint, state_dict_mismatch, write_log_header)
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -476,61 +471,6 @@ def load_resume_checkpoint(hp: Hyperparameters, world_size: int) -> dict:
 # Training
 
 
-class RunLog:
-    """logs/<run-id>.txt, written by rank 0 only; echo=True also prints the line."""
-
-    def __init__(self, path: str | None, append: bool = False):
-        self.file = None
-        if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "a" if append else "w")
-
-    def write(self, text: str, echo: bool = False):
-        if self.file is None:
-            return
-        self.file.write(text + "\n")
-        self.file.flush()
-        if echo:
-            print(text, flush=True)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-def environment_report() -> str:
-    lines = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
-    for package in ("triton", "nvidia-cutlass-dsl"):
-        try:
-            lines.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            lines.append(f"{package} not installed")
-    if shutil.which("nvidia-smi"):
-        query = "index,name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.mem"
-        lines.append(subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
-                                    capture_output=True, text=True).stdout.rstrip())
-    else:
-        lines.append("no nvidia-smi: no GPU info")
-    return "\n".join(lines)
-
-
-# The code a training run executes: this file and the project modules it trains with.
-LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
-                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py")
-
-
-def write_log_header(log: RunLog, hp: Hyperparameters):
-    log.write("hyperparameters: " + json.dumps(asdict(hp)))
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in LOGGED_SOURCES:
-        log.write(f"==== {name} ====")
-        path = os.path.join(here, name)
-        log.write(open(path).read() if os.path.exists(path) else "(missing)")
-    log.write("==== environment ====")
-    log.write(environment_report())
-    log.write("=" * 100)
-
-
 def make_optimizers(model: GPT, hp: Hyperparameters, device: torch.device):
     """Returns (optimizers, the params whose gradients the loop averages across ranks, the Muon or None).
 
@@ -620,6 +560,11 @@ def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
     return hp, resumed
 
 
+# The code a training run executes: this file and the project modules it trains with.
+LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
+                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py")
+
+
 def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> RunLog:
     """A new log with the header; a run resumed under its own name appends to its log instead."""
     path = run_paths(hp.run_name)[0]
@@ -628,7 +573,7 @@ def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> Run
     if master:
         print(f"logging to {path}", flush=True)
     if not appending:
-        write_log_header(log, hp)
+        write_log_header(log, hp, LOGGED_SOURCES)
     if resumed is not None:
         log.write(f"resumed from {hp.resume} at step {resumed['step']}", echo=True)
     return log
@@ -926,64 +871,20 @@ def peak_memory(device: torch.device) -> tuple:
 
 
 def sample_main(args) -> int:
+    """The sample command: the checkpoint's model (load_checkpoint), then generate.sample_from."""
     try:
         model, checkpoint = load_checkpoint(args.checkpoint)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    try:
-        encoding = load_gpt2_encoding(args.bpe_file)
-    except Exception as err:
-        print(f"error: cannot load tiktoken's GPT-2 encoding ({type(err).__name__}); "
-              "offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 files, or pass "
-              "--bpe-file PATH to a GPT-2 ranks file in tiktoken's format (e.g. gpt2.tiktoken)", file=sys.stderr)
-        return 1
-    texts = list(args.prompt or [])
-    if args.prompts_file:
-        with open(args.prompts_file) as f:
-            texts += [line.rstrip("\n") for line in f if line.strip()]
-    if not texts:
-        texts = [""]
-    device = inference_device()
-    model = prepare_for_inference(model, device)
-    use_graph = device.type == "cuda" and not args.no_graph
-    prompts = [[BOS] + encoding.encode_ordinary(text) for text in texts for _ in range(args.num_samples)]
-    stream = TextStream(encoding) if len(prompts) == 1 else None
-    print(f"checkpoint step {checkpoint['step']}, {model.config.attention} attention; device {device}, "
-          f"CUDA graph {'on' if use_graph else 'off'}", file=sys.stderr)
-    if stream is not None:
-        sys.stdout.write(texts[0])
-    result = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed, use_graph=use_graph, use_compile=args.compile and device.type == "cuda",
-                      on_token=stream.write if stream is not None else None)
-    if stream is not None:
-        stream.close()
-    else:
-        for i, tokens in enumerate(result.tokens):
-            print(f"---- sample {i + 1} (prompt {i // args.num_samples + 1}) ----")
-            print(texts[i // args.num_samples] + encoding.decode(tokens))
-    new_tokens = sum(map(len, result.tokens))
-    print(f"{new_tokens} tokens in {result.decode_s:.2f}s: {new_tokens / result.decode_s:.0f} tokens/s "
-          f"(after a {1000 * result.prefill_s:.0f} ms prefill)", file=sys.stderr)
-    return 0
+    return sample_from(model, checkpoint, args)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the Parallax speedrun GPT (no command; run it under torchrun, "
                                                  "settings through environment variables), or sample from it.")
     commands = parser.add_subparsers(dest="command")
-    sample = commands.add_parser("sample", help="generate text from a checkpoint")
-    sample.add_argument("--checkpoint", required=True, help="checkpoints/<run-id>/state_step<N>.pt")
-    sample.add_argument("--prompt", action="append", help="prompt text (repeat for a batch of prompts)")
-    sample.add_argument("--prompts-file", help="a file of prompts, one per line")
-    sample.add_argument("--max-new-tokens", type=int, default=256)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    sample.add_argument("--top-k", type=int, default=50, help="0 for no top-k cut")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    sample.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
-    sample.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; faster)")
-    sample.add_argument("--bpe-file", help="local GPT-2 ranks file in tiktoken's format, to work offline")
+    add_sample_arguments(commands.add_parser("sample", help="generate text from a checkpoint"))
     args = parser.parse_args(argv)
     if args.command == "sample":
         if problem := sampling_arguments_problem(args):

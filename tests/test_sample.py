@@ -93,7 +93,7 @@ class ByteEncoding:
 def test_sample_command_streams_and_batches(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "state_step000001.pt")
     tg.save_checkpoint(path, tiny_model("parallax"), SMOKE, step=1)
-    monkeypatch.setattr(tg, "load_gpt2_encoding", lambda bpe_file: ByteEncoding())
+    monkeypatch.setattr(gen, "load_gpt2_encoding", lambda bpe_file: ByteEncoding())
     expected = gen.generate(tiny_model("parallax"), [[tg.BOS, 104, 105]], 6, stop_token=None).tokens[0]
     assert tg.main(["sample", "--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "6",
                     "--temperature", "0"]) == 0
