@@ -4,34 +4,12 @@
     SMOKE=1 python train_gpt.py                     # tiny CPU check (on the shards TRAIN_FILES names)
     python train_gpt.py sample --checkpoint checkpoints/<run-id>/state_step001385.pt --prompt "The"
 
-The architecture is the FlexAttention era of modded-nanoGPT (records of January 2025): RMS norms
-without gains, half-truncated rotary embeddings, QK-norm, ReLU^2 MLP, value embeddings on the first
-and last layers, U-net skip connections, an untied zero-initialized LM head with tanh logit
-soft-capping, bf16 activations, attention over packed documents with sliding windows that grow over
-training. Parallax adds one projection r shaped like q (own RMS norm, q's rotary) per layer;
-`attention = "softmax"` swaps only the attention for FlexAttention (same masks).
-
-Hyperparameters live in the dataclass below. Every field can be overridden by an environment variable
-of its upper-case name; the ones meant for it: TRAIN_FILES, VAL_FILES (glob patterns), NUM_ITERATIONS,
-SEED, ATTENTION (parallax|softmax), PARAM_MATCHED (0|1), OPTIMIZER (muon|adamw), RUN_NAME, VAL_TOKENS,
-VAL_EVERY (0: only at the start and the end), SAVE_EVERY, RESUME (a checkpoint), OVERWRITE (0|1). A variable
-one typo away from a field's name is an error. SMOKE=1 first switches to a tiny CPU configuration (2
-layers of width 64, reference attention, 30 steps of 512 tokens; gloo when run under torchrun).
-
-Batch: the global batch is `micro_batches` sequences of `seq_len` tokens (8 x 64K by default, the
-records' 8-GPU configuration). Each of W ranks (W divides micro_batches) runs micro_batches / W
-micro-batches per step and accumulates gradients, so 1, 2, 4 or 8 GPUs train the same tokens in the
-same order.
-
-Each run writes logs/<run-id>.txt (the hyperparameters as JSON, the code of this file and of the
-modules it trains with (LOGGED_SOURCES), versions and GPU, then `step:N/T val_loss:X train_time:Yms
-step_avg:Zms` and `step:N/T train_loss:X ...` lines, closing with peak memory, or with a `stopped:`
-line) and checkpoints/<run-id>/state_step<N>.pt at the end (and every SAVE_EVERY steps when > 0). A
-run name that already has a log or checkpoints is refused unless OVERWRITE=1. The run stops (exit 1)
-when a validation loss is not finite, or, after the first tenth of the steps, no better than the
-untrained model's at step 0. SIGINT or SIGTERM checkpoints the current step and stops (exit 128 + the
-signal); every checkpoint holds the optimizer states, and RESUME=<checkpoint> continues its run to the
-same losses.
+The model is modded-nanoGPT's of January 2025 (the FlexAttention records) with one more projection per
+layer, Parallax's probe r; `attention = "softmax"` swaps only the attention for FlexAttention (same masks).
+Hyperparameters live in the dataclass below; each field can be overridden by an environment variable of
+its upper-case name. A run writes logs/<run-id>.txt (the hyperparameters, the code it runs, versions,
+then its losses) and checkpoints/<run-id>/state_step<N>.pt, which RESUME=<checkpoint> continues.
+README.md has the rest: the settings meant for overriding, the log's lines, what stops a run, OVERWRITE.
 """
 import argparse
 import itertools
