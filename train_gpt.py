@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from generate import add_sample_arguments, sample_from, synchronize
 from gpt2_data import BOS, TokenStream, check_enough_tokens, shard_files
+from lm_head_fp8 import fp8_lm_head
 from parallax_kernels import FLEX_BLOCK, document_ids, packed_attention
 from safeguards import (CheckpointError, InterruptRequests, RunLog, check_for_misspelled_settings, check_resumable,
                         claim_run_name, cpu_copy, divergence, read_checkpoint, run_paths, sampling_arguments_problem,
@@ -93,6 +94,7 @@ class Hyperparameters:
     resume: str = ""  # a checkpoint to continue from (model, optimizer states, step, data position)
     overwrite: bool = False  # replace the log and checkpoints of a run of the same name (else it is refused)
     compile: bool = True  # torch.compile the model on CUDA
+    lm_head_fp8: bool = False  # the LM head's matmuls in FP8 in training steps on CUDA (validation, sampling: bf16)
     smoke: bool = False  # the tiny CPU configuration below
 
 
@@ -237,6 +239,7 @@ class GPTConfig:
     r_gain_init: float = 0.0
     r_norm: bool = True
     r_rotary: bool = True
+    lm_head_fp8: bool = False  # Hyperparameters.lm_head_fp8
 
     @property
     def parallax(self) -> bool:
@@ -250,7 +253,7 @@ def model_config(hp: Hyperparameters) -> GPTConfig:
         mlp_hidden -= hp.num_heads * hp.head_dim // 2  # 2 * dim * (hdim / 2) = r's dim * hdim weights
     return GPTConfig(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, mlp_hidden,
                      hp.attention, hp.num_value_embeds, hp.logit_cap, hp.attn_scale, hp.window_schedule[-1],
-                     hp.r_gain, hp.r_gain_init, hp.r_norm, hp.r_rotary)
+                     hp.r_gain, hp.r_gain_init, hp.r_norm, hp.r_rotary, hp.lm_head_fp8)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -309,9 +312,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = CastedLinear(hdim, config.model_dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
 
-    def probe(self, x: Tensor, shape, rope) -> Tensor:
-        """Parallax's r: u = r.k is not scaled, so r's size sets how far the output moves from softmax's."""
-        r = self.r(x).view(shape)
+    def probe(self, r: Tensor, rope) -> Tensor:
+        """Parallax's r from its projection: u = r.k is not scaled, so r's size sets how far the output moves
+        from softmax's."""
         if self.r_norm:
             r = norm(r)
         if self.r_rotary:
@@ -320,13 +323,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, rope, attend) -> Tensor:
         B, T, _ = x.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        q = apply_rotary(norm(self.q(x).view(shape)), rope)
-        k = apply_rotary(norm(self.k(x).view(shape)), rope)
-        r = self.probe(x, shape, rope) if self.r is not None else None
-        v = self.lambdas[0] * self.v(x).view(shape)
+        # q, k, v (and r) in one matmul; their weights stay separate matrices for Muon
+        projections = [self.q, self.k, self.v] + ([self.r] if self.r is not None else [])
+        weights = torch.cat([p.weight for p in projections]).type_as(x)
+        q, k, v, *r = F.linear(x, weights).view(B, T, len(projections), self.num_heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(norm(q), rope), apply_rotary(norm(k), rope)
+        r = self.probe(r[0], rope) if r else None
+        v = self.lambdas[0] * v
         if ve is not None:
-            v = v + self.lambdas[1] * ve.view(shape)
+            v = v + self.lambdas[1] * ve.view(v.shape)
         y = attend(self.layer_idx, q, r, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -398,8 +403,12 @@ class GPT(nn.Module):
         return norm(x)
 
     def logits(self, x: Tensor) -> Tensor:
-        logits = self.lm_head(x).float()
-        return self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
+        logits = fp8_lm_head(x, self.lm_head.weight) if self.fp8_head_active(x) else self.lm_head(x)
+        return self.config.logit_cap * torch.tanh(logits.float() / self.config.logit_cap)
+
+    def fp8_head_active(self, x: Tensor) -> bool:
+        """LM_HEAD_FP8 applies to training steps on CUDA: validation (no grad) and sampling (eval) keep bf16."""
+        return self.config.lm_head_fp8 and self.training and torch.is_grad_enabled() and x.is_cuda
 
     def packed_attention(self, cu_seqlens: Tensor, T: int, window: int | None = None, doc_ids: Tensor | None = None):
         """attend(layer, q, r, k, v) for T packed tokens (see parallax_kernels.packed_attention and forward)."""
@@ -540,7 +549,7 @@ def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
 
 # The code a training run executes: this file and the project modules it trains with.
 LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
-                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py")
+                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py", "lm_head_fp8.py")
 
 
 def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> RunLog:

@@ -135,7 +135,7 @@ def test_r_gain_shapes_and_the_probe_settings():
     x = torch.randn(1, 5, config.model_dim)
     shape = (1, 5, config.num_heads, config.head_dim)
     rope = tg.rotary_tables(torch.arange(5), config.head_dim)
-    torch.testing.assert_close(attn.probe(x, shape, rope), 0.25 * attn.r(x).view(shape))
+    torch.testing.assert_close(attn.probe(attn.r(x).view(shape), rope), 0.25 * attn.r(x).view(shape))
     assert tg.GPT(tiny_config("parallax", r_gain="none")).blocks[0].attn.r_gain is None  # the authors' r
     default = tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain  # the study's winner: per head, from 0
     assert default.shape == (config.num_heads, 1) and torch.all(default == 0)

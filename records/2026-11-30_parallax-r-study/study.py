@@ -49,7 +49,7 @@ ARMS = {  # name -> settings on top of PROXY
     "head0-scale0.15": dict(HEAD0, ATTN_SCALE=0.15),
     "head0-pm": dict(HEAD0, PARAM_MATCHED=1),
 }
-SWEEP_ARMS = tuple(ARMS)  # the arms above; the AdamW arms below are not the sweep's
+SWEEP_ARMS = tuple(ARMS)  # the arms above; the AdamW and FP8 arms below are not the sweep's
 SWEEP_CANDIDATES = ["head0", "channel0", "head0-gainlr0.01", "head0-gainlr0.16", "head0.1", "head0-norotary",
                     "head0-nonorm", "head0-wr0.5", "head0-wr2"]
 WINNER = "head0"  # what the fixed rule chose from the sweep (`table` prints it)
@@ -58,6 +58,8 @@ ADAMW_LOW_RATE = 0.0006  # fixed after the three above ran (the lowest was the b
 for _rate in ADAMW_RATES + (ADAMW_LOW_RATE,):
     ARMS[f"softmax-adamw{_rate}"] = dict(ATTENTION="softmax", OPTIMIZER="adamw", ADAMW_LR=_rate)
     ARMS[f"{WINNER}-adamw{_rate}"] = dict(ARMS[WINNER], OPTIMIZER="adamw", ADAMW_LR=_rate)
+for _arm in ("softmax", WINNER):
+    ARMS[f"{_arm}-fp8"] = dict(ARMS[_arm], LM_HEAD_FP8=1)
 
 # name -> (settings on top of each arm's, [(arm, seed)] in launch order). Wave names have no "-".
 WAVES = {
@@ -77,6 +79,8 @@ WAVES = {
     # the 12 x 768 model (the speedrun's width and depth) at a short horizon, compiled
     "wide": (dict(NUM_LAYERS=12, MODEL_DIM=768, NUM_HEADS=6, NUM_ITERATIONS=200, COMPILE=1),
              [(arm, seed) for seed in (0, 1) for arm in ("softmax", WINNER)]),
+    # the FP8 LM head (LM_HEAD_FP8): what it does to the loss at the proxy (results: records/2026-11-30_fp8-head-h200)
+    "fp8": ({}, [(arm, seed) for seed in (0, 1) for arm in ("softmax", "softmax-fp8", WINNER, f"{WINNER}-fp8")]),
     # compiled, one run at a time on its GPU, at the final window: the step times for time-to-target
     "steptime": (dict(COMPILE=1, NUM_ITERATIONS=100, VAL_EVERY=0, VAL_TOKENS=16384, WINDOW_SCHEDULE="768"),
                  [(arm, 0) for arm in ("softmax", WINNER, f"{WINNER}-pm")]),
