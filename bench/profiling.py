@@ -22,6 +22,7 @@ CATEGORIES = [
                                  r"square|sqrt|clamp|where|fill_|zero_|lerp_?|add_|mul_|div_)$", None),
 ]
 OTHER = "other"
+KERNELS_LISTED = 5  # per category, under its table
 CATEGORY_NAMES = [name for name, _, _ in CATEGORIES] + [OTHER]
 
 
@@ -49,19 +50,18 @@ def _enclosing(event) -> list:
 
 
 def profile_summary(events) -> tuple:
-    """Sums a profile's events per category: ({category: [device us, host us]}, {name: [device us, host us]}
-    of the events in "other"). Host time: each CPU event's self time (its children's excluded), so nothing
-    is counted twice. Device time: the kernels each CPU event launched (the profiler lists them in its
-    .kernels), under the names of that event and its enclosing ranges; the kernels' own device-side
-    events are skipped, as torch's tables skip them."""
+    """Sums a profile's events per category: ({category: [device us, host us]}, {category: {name: [device
+    us, host us]}}, the same sums per event name within each category). Host time: each CPU event's self
+    time (its children's excluded), so nothing is counted twice. Device time: the kernels each CPU event
+    launched (the profiler lists them in its .kernels), under the names of that event and its enclosing
+    ranges; the kernels' own device-side events are skipped, as torch's tables skip them."""
     sums = {name: [0.0, 0.0] for name in CATEGORY_NAMES}
-    unmatched = {}
+    by_name = {name: {} for name in CATEGORY_NAMES}
 
     def add(name, enclosing, column, us):
         label = category(name, enclosing)
         sums[label][column] += us
-        if label == OTHER:
-            unmatched.setdefault(name, [0.0, 0.0])[column] += us
+        by_name[label].setdefault(name, [0.0, 0.0])[column] += us
 
     for event in events:
         if event.is_async or event.device_type != torch.autograd.DeviceType.CPU:
@@ -70,10 +70,12 @@ def profile_summary(events) -> tuple:
         add(event.name, enclosing, 1, event.self_cpu_time_total)
         for kernel in event.kernels:
             add(kernel.name, [event.name] + enclosing, 0, kernel.duration)
-    return sums, unmatched
+    return sums, by_name
 
 
-def print_profile(arm: str, sums: dict, unmatched: dict, steps: int, top: int):
+def print_profile(arm: str, sums: dict, by_name: dict, steps: int, top: int):
+    """The category table, then each category's largest kernels (device time) and the names left in
+    "other" (device, then host time), to see what a category holds and to refine CATEGORIES."""
     total = [sum(s[i] for s in sums.values()) for i in (0, 1)]
     print(f"\nprofile {arm} ({steps} steps): ms per step; device = kernel time, host = CPU self time (a sync's "
           "is the CPU waiting for the device)")
@@ -81,8 +83,15 @@ def print_profile(arm: str, sums: dict, unmatched: dict, steps: int, top: int):
     for name, (device_us, host_us) in list(sums.items()) + [("total", total)]:
         print(f"{name:<26} {device_us / steps / 1e3:>10.3f} {100 * device_us / max(total[0], 1e-9):>8.1f} "
               f"{host_us / steps / 1e3:>10.3f} {100 * host_us / max(total[1], 1e-9):>7.1f}")
-    if unmatched:
-        print(f"top unmatched names ({OTHER}), to refine CATEGORIES:")
-        for name, (device_us, host_us) in sorted(unmatched.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]:
+    for label, names in by_name.items():
+        if label == OTHER:
+            listed = sorted(names.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+            heading = f"top unmatched names ({OTHER}), to refine CATEGORIES:"
+        else:
+            listed = sorted(((n, t) for n, t in names.items() if t[0] > 0), key=lambda kv: -kv[1][0])[:KERNELS_LISTED]
+            heading = f"largest kernels in {label}:"
+        if listed:
+            print(heading)
+        for name, (device_us, host_us) in listed:
             print(f"  device {device_us / steps / 1e3:9.3f} ms  host {host_us / steps / 1e3:9.3f} ms  {name[:110]}")
     print(flush=True)

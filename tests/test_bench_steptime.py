@@ -61,12 +61,13 @@ def test_every_profiled_time_lands_in_one_category(environ):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         trainer.train_step(0, batches)
     events = prof.events()
-    sums, unmatched = profiling.profile_summary(events)
-    assert list(sums) == profiling.CATEGORY_NAMES
+    sums, by_name = profiling.profile_summary(events)
+    assert list(sums) == list(by_name) == profiling.CATEGORY_NAMES
     host_total = sum(e.self_cpu_time_total for e in events if not e.is_async)
     assert sum(host for _, host in sums.values()) == pytest.approx(host_total)
     assert sum(device for device, _ in sums.values()) == 0  # no device
-    assert [sum(column) for column in zip(*unmatched.values())] == pytest.approx(sums[profiling.OTHER])
+    for label, names in by_name.items():
+        assert ([sum(column) for column in zip(*names.values())] or [0.0, 0.0]) == pytest.approx(sums[label])
     assert sums["optimizer (Muon/Adam)"][1] > 0 and sums["matmuls"][1] > 0
 
 
@@ -87,12 +88,31 @@ def test_kernels_count_under_the_op_that_launched_them():
               FakeEvent("aten::mm", backward, 1.0, [("nvjet_tst_128x64", 11.0)]),
               FakeEvent("mystery", None, 0.5, [("mystery_kernel", 3.0)]),
               FakeEvent("_bwd_dq_kernel", device_type=torch.autograd.DeviceType.CUDA)]
-    sums, unmatched = profiling.profile_summary(events)
+    sums, by_name = profiling.profile_summary(events)
     assert sums["optimizer (Muon/Adam)"] == [7.0, 6.0]
     assert sums["attention backward"] == [41.0, 3.0]
     assert sums[profiling.OTHER] == [3.0, 0.5]
-    assert unmatched == {"mystery": [0.0, 0.5], "mystery_kernel": [3.0, 0.0]}
+    assert by_name[profiling.OTHER] == {"mystery": [0.0, 0.5], "mystery_kernel": [3.0, 0.0]}
+    assert by_name["attention backward"] == {"parallax::backward": [0.0, 2.0], "_bwd_dq_kernel": [30.0, 0.0],
+                                             "aten::mm": [0.0, 1.0], "nvjet_tst_128x64": [11.0, 0.0]}
     assert sum(device for device, _ in sums.values()) == 7.0 + 30.0 + 11.0 + 3.0
+
+
+def test_the_profile_lists_each_categorys_largest_kernels(capsys):
+    """Under the table: per category its kernels by device time, largest first (host-only names left out),
+    at most KERNELS_LISTED; then the names left in "other"."""
+    kernels = [(f"elementwise_kernel_{i}", float(i)) for i in range(1, profiling.KERNELS_LISTED + 3)]
+    events = [FakeEvent("aten::mm", None, 9.0, [("nvjet_tst", 2.0)]), FakeEvent("aten::mul", None, 4.0, kernels),
+              FakeEvent("mystery", None, 500.0, [("mystery_kernel", 3000.0)])]
+    profiling.print_profile("arm", *profiling.profile_summary(events), steps=1, top=1)
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("largest kernels in matmuls:")
+    assert lines[start + 1].endswith(" nvjet_tst")  # aten::mm, host time only, is not listed
+    assert lines[start + 2] == "largest kernels in norms/rotary/elementwise:"
+    listed = [line.split()[-1] for line in lines[start + 3:start + 3 + profiling.KERNELS_LISTED]]
+    assert listed == [f"elementwise_kernel_{i}" for i in range(profiling.KERNELS_LISTED + 2, 2, -1)]
+    assert lines[start + 3 + profiling.KERNELS_LISTED].startswith(f"top unmatched names ({profiling.OTHER})")
+    assert lines[-2].split()[1] == "3.000" and lines[-2].endswith("mystery_kernel") and lines[-1] == ""
 
 @pytest.mark.parametrize("name, enclosing, expected", [
     ("_bwd_dkdv_kernel", [], "attention backward"),
