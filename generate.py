@@ -4,7 +4,7 @@ torch.compiled and replayed from a CUDA graph. `python train_gpt.py sample` is i
 arguments and its text (prompts, encoding, streaming, printing) are here, the checkpoint's model is
 train_gpt.py's.
 
-It takes the model as an object (train_gpt.GPT: config, layer_windows, packed_attention, hidden_states,
+It takes the model as an object (train_gpt.GPT: config, layer_windows, packed_attention, rotary, hidden_states,
 logits, lm_head) and imports nothing from train_gpt.py, which imports it.
 """
 import codecs
@@ -34,6 +34,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)  # updated in place only
         self.rows = torch.arange(batch_size, device=device)
+        self.max_len = max_len
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def prefill(model, cache: KVCache, prompts: list) -> Tensor:
         cache.v[layer][rows, positions] = v[0]
         return inner(layer, q, r, k, v)
 
-    x = model.hidden_states(tokens[None], positions, attend)[0]
+    x = model.hidden_states(tokens[None], model.rotary.at(positions, cache.max_len), attend)[0]
     cache.lengths.copy_(lengths.to(device, torch.int32))
     return model.logits(x[cu_seqlens[1:].long() - 1])
 
@@ -87,7 +88,7 @@ def decode_step(model, cache: KVCache, tokens: Tensor) -> Tensor:
     def attend(layer, q, r, k, v):
         return store_and_attend(model.config, cache, layer, positions, lengths, q, r, k, v, windows[layer])
 
-    x = model.hidden_states(tokens[:, None], positions[:, None], attend)
+    x = model.hidden_states(tokens[:, None], model.rotary.at(positions[:, None], cache.max_len), attend)
     cache.lengths.copy_(lengths)
     return model.logits(x[:, 0])
 
@@ -114,6 +115,7 @@ class DecodeStep:
     def __init__(self, model, cache, use_graph=False, use_compile=False):
         self.args = (model, cache)
         self.step = decode_step
+        model.rotary.prefix(cache.max_len, cache.rows.device)  # built before compiling or capturing the step
         if use_compile:
             # a graph per model, batch size and cache length: more than torch.compile's default 8 in a bench
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

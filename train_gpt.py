@@ -278,13 +278,34 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 
-def rotary_tables(positions: Tensor, head_dim: int):
-    """cos, sin for half-truncated rotary embeddings: a quarter of the dimension pairs rotate at
-    frequencies from 1 down to 1/1024 per position, the other quarter do not rotate."""
-    freqs = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, device=positions.device)
-    freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
-    theta = positions.float()[..., None] * freqs
-    return theta.cos()[..., None, :], theta.sin()[..., None, :]  # (..., T, 1, head_dim / 2)
+class RotaryTables:
+    """cos, sin of half-truncated rotary embeddings: a quarter of the dimension pairs rotate at frequencies
+    from 1 down to 1/1024 per position, the other quarter do not rotate. Tabulated once, in fp32, and read:
+    computed inside a compiled step, inductor recomputes sin and cos in every kernel that reads them (about
+    7 ms of a record-size step). Not module buffers, so casting the model to bf16 leaves them fp32."""
+
+    def __init__(self, head_dim: int):
+        self.head_dim = head_dim
+        self.cos = self.sin = torch.empty(0)
+
+    def prefix(self, length: int, device: torch.device) -> tuple:
+        """cos, sin at positions 0 .. length - 1, each (length, 1, head_dim / 2), on device (a tensor's: with
+        its index). Built or grown on first use in eager code; compiled code that finds them missing computes
+        them in its graph, as before (Trainer and DecodeStep build them before compiling)."""
+        if self.cos.size(0) >= length and self.cos.device == device:
+            return self.cos[:length], self.sin[:length]
+        freqs = (1 / 1024) ** torch.linspace(0, 1, self.head_dim // 4, device=device)
+        freqs = torch.cat([freqs, freqs.new_zeros(self.head_dim // 4)])
+        theta = torch.arange(length, device=device).float()[:, None, None] * freqs
+        if torch.compiler.is_compiling():
+            return theta.cos(), theta.sin()
+        self.cos, self.sin = theta.cos(), theta.sin()
+        return self.cos, self.sin
+
+    def at(self, positions: Tensor, length: int) -> tuple:
+        """cos, sin at positions (each below length), shaped (*positions.shape, 1, head_dim / 2)."""
+        cos, sin = self.prefix(length, positions.device)
+        return cos[positions], sin[positions]
 
 
 def apply_rotary(x: Tensor, rope) -> Tensor:
@@ -369,6 +390,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(config.num_layers // 2))  # U-net: encoder i -> decoder L-1-i
         self.lm_head = CastedLinear(config.model_dim, config.vocab_size, zero_init=True)
+        self.rotary = RotaryTables(config.head_dim)
 
     def embeddings_to(self, dtype: torch.dtype) -> "GPT":
         """Activations in dtype from the embeddings on; the linear weights stay fp32 for the optimizers."""
@@ -386,9 +408,9 @@ class GPT(nn.Module):
         short_window = max(1, long_window // 2)
         return [long_window if min(i, L - 1 - i) % 4 == 0 else short_window for i in range(L)]
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor, attend) -> Tensor:
-        """The trunk: tokens (B, T) at positions (T,) or (B, T) -> final-normed states (B, T, model_dim)."""
-        rope = rotary_tables(positions, self.config.head_dim)
+    def hidden_states(self, tokens: Tensor, rope: tuple, attend) -> Tensor:
+        """The trunk: tokens (B, T) with their rotary cos, sin (from self.rotary) -> final-normed states
+        (B, T, model_dim)."""
         x = x0 = norm(self.embed(tokens))
         ve = [embed(tokens) for embed in self.value_embeds]
         layer_ve = ve + [None] * (self.config.num_layers - 2 * len(ve)) + ve
@@ -424,9 +446,9 @@ class GPT(nn.Module):
         layer_windows; default the last of training). doc_ids: document_ids(cu_seqlens, T), which a
         compiled softmax model needs as an input (see packed_attention)."""
         T = input_seq.numel()
-        positions = torch.arange(T, device=input_seq.device)
         attend = self.packed_attention(cu_seqlens, T, window, doc_ids)
-        logits = self.logits(self.hidden_states(input_seq[None], positions, attend)[0])
+        rope = self.rotary.prefix(T, input_seq.device)
+        logits = self.logits(self.hidden_states(input_seq[None], rope, attend)[0])
         if target_seq is None:
             return logits
         return F.cross_entropy(logits, target_seq)
@@ -626,6 +648,7 @@ class Trainer:
         self.compiled = self.model
         if device.type == "cuda" and hp.compile:
             configure_compile()
+            self.model.rotary.prefix(hp.seq_len, self.model.lm_head.weight.device)  # built before tracing
             self.compiled = torch.compile(self.model)
 
     def train_batches(self):

@@ -134,7 +134,7 @@ def test_r_gain_shapes_and_the_probe_settings():
     assert attn.r_gain.shape == (config.num_heads, config.head_dim) and torch.all(attn.r_gain == 0.25)
     x = torch.randn(1, 5, config.model_dim)
     shape = (1, 5, config.num_heads, config.head_dim)
-    rope = tg.rotary_tables(torch.arange(5), config.head_dim)
+    rope = tg.RotaryTables(config.head_dim).prefix(5, torch.device("cpu"))
     torch.testing.assert_close(attn.probe(attn.r(x).view(shape), rope), 0.25 * attn.r(x).view(shape))
     assert tg.GPT(tiny_config("parallax", r_gain="none")).blocks[0].attn.r_gain is None  # the authors' r
     default = tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain  # the study's winner: per head, from 0
@@ -261,3 +261,19 @@ def test_compiled_model_matches_eager_gpu(attention):
     for compiled, eager in zip(compiled_grads, eager_grads):
         assert torch.isfinite(compiled).all()
         assert (compiled - eager).norm() <= 5e-2 * eager.norm() + 1e-6
+
+
+def test_rotary_tables_are_the_closed_form_and_stay_fp32():
+    tables = tg.RotaryTables(8)
+    cos, sin = tables.prefix(5, torch.device("cpu"))
+    freqs = torch.tensor([1.0, 1 / 1024, 0.0, 0.0])  # a quarter of the pairs from 1 to 1/1024, a quarter still
+    theta = torch.arange(5.0)[:, None, None] * freqs
+    torch.testing.assert_close(cos, theta.cos())
+    torch.testing.assert_close(sin, theta.sin())
+    grown, _ = tables.prefix(9, torch.device("cpu"))  # grows: the first rows unchanged
+    assert grown.shape == (9, 1, 4) and torch.equal(grown[:5], cos)
+    positions = torch.tensor([[3], [0], [8]])
+    at_cos, at_sin = tables.at(positions, 9)
+    assert at_cos.shape == (3, 1, 1, 4) and torch.equal(at_cos[:, 0], grown[positions[:, 0]])
+    model = tg.GPT(tiny_config("parallax")).to(torch.bfloat16)
+    assert model.rotary.prefix(4, torch.device("cpu"))[0].dtype == torch.float32  # not cast with the model
