@@ -145,7 +145,11 @@ def write_log_header(log: RunLog, hp, sources: tuple):
     for name in sources:
         log.write(f"==== {name} ====")
         path = os.path.join(here, name)
-        log.write(open(path).read() if os.path.exists(path) else "(missing)")
+        if os.path.exists(path):
+            with open(path) as f:
+                log.write(f.read())
+        else:
+            log.write("(missing)")
     log.write("==== environment ====")
     log.write(environment_report())
     log.write("=" * 100)
