@@ -281,8 +281,8 @@ class CastedLinear(nn.Linear):
 class RotaryTables:
     """cos, sin of half-truncated rotary embeddings: a quarter of the dimension pairs rotate at frequencies
     from 1 down to 1/1024 per position, the other quarter do not rotate. Tabulated once, in fp32, and read:
-    computed inside a compiled step, inductor recomputes sin and cos in every kernel that reads them (about
-    7 ms of a record-size step). Not module buffers, so casting the model to bf16 leaves them fp32."""
+    computed inside a compiled step, inductor recomputes sin and cos in every kernel that reads them (5.4 ms
+    of a record-size step on an H200). Not module buffers, so casting the model to bf16 leaves them fp32."""
 
     def __init__(self, head_dim: int):
         self.head_dim = head_dim
