@@ -7,6 +7,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, document_ids, parallax_output
 
@@ -21,6 +22,11 @@ from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, d
 # The backward needs, per query row, b_i = g_i . o1_i with o1 = softmax attention's output: the forward
 # saves o1 (normalized, in q's dtype: one more (B, T, H, D) tensor per call), so the dQ kernel sweeps the
 # keys once, for dQ and dR, and stores b and c_i = g_i . o_i for the dK/dV kernel.
+#
+# The tiles each inner loop streams (K/V over keys, Q/R/G over queries) arrive through tensor descriptors:
+# TMA copies on Hopper, which zero-fill rows past the end as masked loads would, with no address
+# arithmetic in the loop (H200, T=65536 packed documents, window 1792: fwd+bwd 4.44 against 4.76 ms with
+# masked pointer loads, the same bits).
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,35 +64,35 @@ def _visible(pos, lo, kpos):
 
 
 @triton.jit
-def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh,
                  D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query rows: offsets, validity, key bounds, the q and K/V row offsets, and the
-    offsets of its per-row statistics."""
+    """This program's query rows: offsets, validity, key bounds, the q row offsets, the offsets of its per-row
+    statistics, its batch row and the column of its KV head in a (B, T, H * D) view."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
     q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-    kv_base = b * stride_kb + (h // group) * stride_kh + offs_d[None, :]
-    return offs_m, offs_m < Tq, pos, lo, q_off, kv_base, pid_bh * Tq + offs_m
+    return offs_m, offs_m < Tq, pos, lo, q_off, pid_bh * Tq + offs_m, b, (h // group) * D
 
 
 @triton.jit
-def _load_rows(X, offsets, rows, n_rows):
-    return tl.load(X + offsets, mask=(rows < n_rows)[:, None], other=0.0)
+def _load_tile(desc, b, row0, col, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Rows row0 .. row0 + BLOCK - 1 of one head through a (B, T, H * D) descriptor (a TMA copy on Hopper);
+    the descriptor's bounds make rows past T zeros."""
+    return desc.load([b, row0, col]).reshape([BLOCK, D])
 
 
 @triton.jit
-def _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2, m_i, d1, d2, o1, o2,
-              BLOCK_N: tl.constexpr):
+def _fwd_tile(q, r, K, V, b, kv_col, start_n, pos, lo, scale_log2, m_i, d1, d2, o1, o2,
+              D: tl.constexpr, BLOCK_N: tl.constexpr):
     kpos = start_n + tl.arange(0, BLOCK_N)
-    kv_off = kv_base + kpos[:, None] * stride_kt
-    k = _load_rows(K, kv_off, kpos, Tk)
-    v = _load_rows(V, kv_off, kpos, Tk)
+    k = _load_tile(K, b, start_n, kv_col, BLOCK_N, D)
+    v = _load_tile(V, b, start_n, kv_col, BLOCK_N, D)
     s = tl.dot(q, tl.trans(k)) * scale_log2
     u = tl.dot(r, tl.trans(k))
-    # u stays finite (masked loads are 0), so p * u = 0 where p = 0
+    # u stays finite (keys past Tk load as 0), so p * u = 0 where p = 0
     s = tl.where(_visible(pos, lo, kpos), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -101,12 +107,12 @@ def _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2, 
 
 @triton.jit
 def _fwd_kernel(Q, R, K, V, O, O1, LSE, TMEAN, DOC_START,
-                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_qb, stride_qt, stride_qh,
                 Tq, Tk, n_heads, group, window, scale_log2,
                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
-        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+    offs_m, row_ok, pos, lo, q_off, stat_off, b, kv_col = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh,
         D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
@@ -117,8 +123,8 @@ def _fwd_kernel(Q, R, K, V, O, O1, LSE, TMEAN, DOC_START,
     o1 = tl.zeros([BLOCK_M, D], tl.float32)
     o2 = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1, BLOCK_N):
-        m_i, d1, d2, o1, o2 = _fwd_tile(q, r, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, scale_log2,
-                                        m_i, d1, d2, o1, o2, BLOCK_N)
+        m_i, d1, d2, o1, o2 = _fwd_tile(q, r, K, V, b, kv_col, start_n, pos, lo, scale_log2, m_i, d1, d2, o1, o2,
+                                        D, BLOCK_N)
 
     t = d2 / d1
     o = parallax_output(o1, o2, d1, d2)
@@ -137,12 +143,11 @@ def _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2):
 
 
 @triton.jit
-def _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, bdot, c, scale_log2, dq, dr,
-               BLOCK_N: tl.constexpr):
+def _dqdr_tile(q, r, g, K, V, b, kv_col, start_n, pos, lo, lse, t, bdot, c, scale_log2, dq, dr,
+               D: tl.constexpr, BLOCK_N: tl.constexpr):
     kpos = start_n + tl.arange(0, BLOCK_N)
-    kv_off = kv_base + kpos[:, None] * stride_kt
-    k = _load_rows(K, kv_off, kpos, Tk)
-    v = _load_rows(V, kv_off, kpos, Tk)
+    k = _load_tile(K, b, start_n, kv_col, BLOCK_N, D)
+    v = _load_tile(V, b, start_n, kv_col, BLOCK_N, D)
     p = _bwd_probs(q, k, kpos, pos, lo, lse, scale_log2)
     u = tl.dot(r, tl.trans(k))
     a = tl.dot(g, tl.trans(v))
@@ -155,12 +160,12 @@ def _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, 
 
 @triton.jit
 def _bwd_dq_kernel(Q, R, K, V, O, O1, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CDOT,
-                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_qb, stride_qt, stride_qh,
                    Tq, Tk, n_heads, group, window, scale_log2, scale,
                    D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m, row_ok, pos, lo, q_off, kv_base, stat_off = _query_block(
-        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+    offs_m, row_ok, pos, lo, q_off, stat_off, b, kv_col = _query_block(
+        n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh,
         D, VARLEN, WINDOWED, BLOCK_M)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     r = tl.load(R + q_off, mask=row_ok[:, None], other=0.0)
@@ -177,8 +182,8 @@ def _bwd_dq_kernel(Q, R, K, V, O, O1, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CD
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     dr = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(k_start, k_end, BLOCK_N):
-        dq, dr = _dqdr_tile(q, r, g, K, V, kv_base, stride_kt, start_n, Tk, pos, lo, lse, t, bdot, c, scale_log2,
-                            dq, dr, BLOCK_N)
+        dq, dr = _dqdr_tile(q, r, g, K, V, b, kv_col, start_n, pos, lo, lse, t, bdot, c, scale_log2, dq, dr,
+                            D, BLOCK_N)
 
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + q_off, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
@@ -187,14 +192,13 @@ def _bwd_dq_kernel(Q, R, K, V, O, O1, G, LSE, TMEAN, DOC_START, DQ, DR, BDOT, CD
 
 
 @triton.jit
-def _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, q_base, stat_base, stride_qt,
+def _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, stat_base, b, q_col,
                start_m, Tq, Tk, window, scale_log2, scale, dk, dv,
-               VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+               D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
-    q_off = q_base + rows[:, None] * stride_qt
-    q = _load_rows(Q, q_off, rows, Tq)
-    r = _load_rows(R, q_off, rows, Tq)
-    g = _load_rows(G, q_off, rows, Tq)
+    q = _load_tile(Q, b, start_m, q_col, BLOCK_M, D)
+    r = _load_tile(R, b, start_m, q_col, BLOCK_M, D)
+    g = _load_tile(G, b, start_m, q_col, BLOCK_M, D)
     row_ok = rows < Tq
     lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0)
     t = tl.load(TMEAN + stat_base + rows, mask=row_ok, other=0.0)
@@ -242,11 +246,10 @@ def _bwd_dkdv_kernel(Q, R, K, V, G, LSE, TMEAN, BDOT, CDOT, DOC_START, DOC_END, 
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for h in range(hk * group, hk * group + group):
-        q_base = b * stride_qb + h * stride_qh + offs_d[None, :]
         stat_base = (b * n_heads + h) * Tq
         for start_m in range(m_start, last_seen - shift, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, q_base, stat_base, stride_qt,
-                                start_m, Tq, Tk, window, scale_log2, scale, dk, dv, VARLEN, WINDOWED, BLOCK_M)
+            dk, dv = _dkdv_tile(k, v, kpos, Q, R, G, LSE, TMEAN, BDOT, CDOT, DOC_START, stat_base, b, h * D,
+                                start_m, Tq, Tk, window, scale_log2, scale, dk, dv, D, VARLEN, WINDOWED, BLOCK_M)
 
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
@@ -255,10 +258,27 @@ def _bwd_dkdv_kernel(Q, R, K, V, G, LSE, TMEAN, BDOT, CDOT, DOC_START, DOC_END, 
 def _launch_args(q, k, window):
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    return dict(stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
-                stride_kb=k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2),
-                Tq=Tq, Tk=Tk, n_heads=Hq, group=Hq // Hkv, window=max(window, 1),
-                D=D, WINDOWED=window > 0)
+    return dict(stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), Tq=Tq, Tk=Tk, n_heads=Hq,
+                group=Hq // Hkv, window=max(window, 1), D=D, WINDOWED=window > 0)
+
+
+def _rows_descriptor(x, block_rows):
+    """A tensor descriptor over x (B, T, H, D) viewed as (B, T, H * D), loading [1, block_rows, D] tiles of one
+    head; its bound T zero-fills the rows past the end of each batch row."""
+    B, T, H, D = x.shape
+    itemsize = x.element_size()
+    if max(block_rows, D) > 256 or D * itemsize % 16:
+        raise ValueError(f"TMA cannot load [{block_rows}, {D}] tiles of a tensor of shape {tuple(x.shape)} "
+                         f"and strides {x.stride()}: block dims must be <= 256 and a head's row 16-byte aligned")
+    row_major = x.stride(3) == 1 and x.stride(2) == D
+    aligned = x.data_ptr() % 16 == 0 and x.stride(0) * itemsize % 16 == 0 and x.stride(1) * itemsize % 16 == 0
+    if not (row_major and aligned):
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation meets TMA's alignment
+    return TensorDescriptor(x, [B, T, H * D], [x.stride(0), x.stride(1), 1], [1, block_rows, D])
+
+
+def _tile_descriptors(block_rows, *tensors):
+    return tuple(_rows_descriptor(x, block_rows) for x in tensors)
 
 
 def _forward(q, r, k, v, doc_start, window, scale):
@@ -267,8 +287,9 @@ def _forward(q, r, k, v, doc_start, window, scale):
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     t = torch.empty_like(lse)
     tile = _tile("fwd")
+    k_tiles, v_tiles = _tile_descriptors(tile["BLOCK_N"], k, v)
     _fwd_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
-        q, r, k, v, o, softmax_out, lse, t, doc_start if doc_start is not None else lse,
+        q, r, k_tiles, v_tiles, o, softmax_out, lse, t, doc_start if doc_start is not None else lse,
         scale_log2=scale * LOG2E, VARLEN=doc_start is not None, **_launch_args(q, k, window), **tile)
     return o, softmax_out, lse, t
 
@@ -282,12 +303,16 @@ def _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window,
     varlen = doc_start is not None
     common = dict(scale_log2=scale * LOG2E, scale=scale, VARLEN=varlen, **_launch_args(q, k, window))
     tile = _tile("dq")
+    k_tiles, v_tiles = _tile_descriptors(tile["BLOCK_N"], k, v)
     _bwd_dq_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
-        q, r, k, v, o, softmax_out, g, lse, t, doc_start if varlen else lse, dq, dr, bdot, cdot, **common, **tile)
+        q, r, k_tiles, v_tiles, o, softmax_out, g, lse, t, doc_start if varlen else lse, dq, dr, bdot, cdot,
+        **common, **tile)
     tile = _tile("dkdv")
+    q_tiles, r_tiles, g_tiles = _tile_descriptors(tile["BLOCK_M"], q, r, g)
     _bwd_dkdv_kernel[(triton.cdiv(Tk, tile["BLOCK_N"]), B * Hkv)](
-        q, r, k, v, g, lse, t, bdot, cdot, doc_start if varlen else lse, doc_end if varlen else lse,
-        dk, dv, n_kv_heads=Hkv, **common, **tile)
+        q_tiles, r_tiles, k, v, g_tiles, lse, t, bdot, cdot, doc_start if varlen else lse, doc_end if varlen else lse,
+        dk, dv, stride_kb=k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2), n_kv_heads=Hkv,
+        **common, **tile)
     return dq, dr, dk, dv
 
 
