@@ -262,23 +262,22 @@ def _launch_args(q, k, window):
                 group=Hq // Hkv, window=max(window, 1), D=D, WINDOWED=window > 0)
 
 
-def _rows_descriptor(x, block_rows):
-    """A tensor descriptor over x (B, T, H, D) viewed as (B, T, H * D), loading [1, block_rows, D] tiles of one
-    head; its bound T zero-fills the rows past the end of each batch row."""
-    B, T, H, D = x.shape
-    itemsize = x.element_size()
-    if max(block_rows, D) > 256 or D * itemsize % 16:
-        raise ValueError(f"TMA cannot load [{block_rows}, {D}] tiles of a tensor of shape {tuple(x.shape)} "
-                         f"and strides {x.stride()}: block dims must be <= 256 and a head's row 16-byte aligned")
-    row_major = x.stride(3) == 1 and x.stride(2) == D
-    aligned = x.data_ptr() % 16 == 0 and x.stride(0) * itemsize % 16 == 0 and x.stride(1) * itemsize % 16 == 0
-    if not (row_major and aligned):
-        x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation meets TMA's alignment
-    return TensorDescriptor(x, [B, T, H * D], [x.stride(0), x.stride(1), 1], [1, block_rows, D])
+def _kernel_layout(*tensors):
+    """Each tensor contiguous (the kernels share q's strides for r, g, o, o1) at a 16-byte aligned address
+    (TMA's terms; a contiguous view at an odd offset is copied). With D in {64, 128} at 2 bytes, every
+    stride of a (B, T, H * D) view is then a multiple of 16 bytes too."""
+    tensors = (x.contiguous() for x in tensors)
+    return tuple(x if x.data_ptr() % 16 == 0 else x.clone() for x in tensors)
 
 
 def _tile_descriptors(block_rows, *tensors):
-    return tuple(_rows_descriptor(x, block_rows) for x in tensors)
+    """Tensor descriptors over contiguous (B, T, H, D) tensors viewed as (B, T, H * D), loading [1, block_rows, D]
+    tiles of one head; their bound T zero-fills the rows past the end of each batch row."""
+    descriptors = []
+    for x in tensors:
+        B, T, H, D = x.shape
+        descriptors.append(TensorDescriptor(x, [B, T, H * D], [T * H * D, H * D, 1], [1, block_rows, D]))
+    return descriptors
 
 
 def _forward(q, r, k, v, doc_start, window, scale):
@@ -324,7 +323,7 @@ def _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window,
 def _forward_op(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, r, k, v = (x.contiguous() for x in (q, r, k, v))  # the kernels share q's strides for r, g, o, o1
+    q, r, k, v = _kernel_layout(q, r, k, v)
     return _forward(q, r, k, v, doc_start, window, scale)
 
 
@@ -340,7 +339,7 @@ def _backward_op(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, k: torch.Ten
                  o: torch.Tensor, softmax_out: torch.Tensor, lse: torch.Tensor, t: torch.Tensor,
                  doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, window: int, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, q, r, k, v = (x.contiguous() for x in (g, q, r, k, v))
+    g, q, r, k, v = _kernel_layout(g, q, r, k, v)
     return _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window, scale)
 
 
