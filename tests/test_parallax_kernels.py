@@ -128,6 +128,7 @@ def test_inputs_off_16_byte_alignment_give_the_aligned_results():
     for misaligned, aligned in zip(*results):
         assert torch.equal(misaligned, aligned)
 
+
 # -- validation ----------------------------------------------------------------------------------
 
 
