@@ -775,6 +775,25 @@ def _train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device
     return status
 
 
+class StepEnd:
+    """A queued step's loss on its way to the host and, on CUDA, an event at the step's end: waiting on the
+    event waits for this step only. (Reading the loss tensor itself would also wait for every step queued
+    after it, so a log line would carry the next step's time.)"""
+
+    def __init__(self, loss: Tensor):
+        self.loss, self.done = loss, None
+        if loss.is_cuda:
+            self.loss = torch.empty_like(loss, device="cpu", pin_memory=True)  # pinned: the copy does not block
+            self.loss.copy_(loss, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> float:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.loss.item()
+
+
 def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: InterruptRequests,
                   resumed: dict | None) -> int:
     """Validate at step 0, every val_every steps and at the end, train num_iterations steps (from a
@@ -793,10 +812,10 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
     def save(step: int) -> str:
         return trainer.save(step, untrained_val_loss=untrained_val_loss, train_time_ms=training_time_ms)
 
-    def logged(step: int, loss: Tensor) -> bool:
+    def logged(step: int, end: StepEnd) -> bool:
         """Reads a step's loss (waiting for the device to finish the step) and logs it with the time then;
         False after logging the stop when it is not finite."""
-        loss = loss.item()
+        loss = end.wait()
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss):
             log.write(f"stopped: step:{step + 1}/{hp.num_iterations} train_loss:{loss} is not finite; stopping. Last "
@@ -808,7 +827,7 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
 
     # A step's loss is read once the next step is queued, so the device never waits for the host; it is
     # read at once before anything that needs the step's result (validation, a checkpoint, the end).
-    unread = None  # (step, loss)
+    unread = None  # (step, StepEnd)
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(start_step, hp.num_iterations + 1):
@@ -835,12 +854,12 @@ def training_loop(trainer: Trainer, log: RunLog, master: bool, interrupts: Inter
             return 0
 
         try:
-            loss = trainer.train_step(step, batches)
+            end = StepEnd(trainer.train_step(step, batches))
         except StopIteration:
             raise RuntimeError(f"{hp.train_files}: ran out of training tokens at step {step + 1}") from None
         if unread is not None and not logged(*unread):
             return 1
-        unread = (step, loss)
+        unread = (step, end)
         saving = hp.save_every > 0 and (step + 1) % hp.save_every == 0 and step + 1 < hp.num_iterations
         signal_number = step + 1 < hp.num_iterations and interrupts.agreed(step + 1)
         validating = step + 1 == hp.num_iterations or (hp.val_every > 0 and (step + 1) % hp.val_every == 0)

@@ -2,6 +2,7 @@
 follow the schedules, and the first step's gradients are the mean over the micro-batches of the
 gradients computed here."""
 import itertools
+import time
 from dataclasses import replace
 
 import pytest
@@ -76,3 +77,27 @@ def test_schedules_and_gradient_accumulation(smoke_run, watched):  # noqa: F811
     for name, p in model.named_parameters():
         if name in got:
             torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_step_end_reads_the_loss_of_its_step_on_the_cpu():
+    end = tg.StepEnd(torch.tensor(2.5))
+    assert end.done is None and end.wait() == 2.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_end_waits_for_its_step_only():
+    """The loop logs a step once the next one is queued: its StepEnd must neither block when made nor,
+    when waited on, wait for the work queued after it (whose time the log line would otherwise carry)."""
+    cycles = 400_000_000  # 0.2-0.4 s of device time at 1-2 GHz
+    loss = torch.full((), 3.25, device="cuda")  # allocated first: a cudaMalloc may wait for the device
+    tg.StepEnd(loss).wait()  # the pinned host allocator's first block, outside the timed part; later ones reuse it
+    torch.cuda._sleep(cycles)  # this step
+    start = time.perf_counter()
+    end = tg.StepEnd(loss)
+    assert time.perf_counter() - start < 0.05 and not end.done.query()
+    torch.cuda._sleep(cycles)  # the next step
+    later = torch.cuda.Event()
+    later.record()
+    assert end.wait() == 3.25
+    assert end.done.query() and not later.query()
+    torch.cuda.synchronize()
