@@ -95,3 +95,34 @@ def test_r_study_tables_quote_the_logs(wave, seeds, heading):
         if arm != "softmax":
             assert float(cells[len(seeds) + 1]) == pytest.approx(float(mean) - sum(softmax) / len(softmax), abs=1e-4)
             assert float(cells[len(seeds) + 2]) == pytest.approx(compare.welch_t_test(values, softmax)[2], abs=0.005)
+
+
+BACKWARD = os.path.join(ROOT, "records", "2026-11-30_faster-backward-h200")
+
+
+def test_record_size_step_table_quotes_the_bench_logs():
+    """README.md's record-size step table: each arm's ms per step and peak memory as bench.anchor and
+    bench.steptime printed them in one call, and its ratios to the anchor and to softmax recomputed."""
+    logs = os.path.join(BACKWARD, "logs")
+    anchor = re.search(r"^anchor: ([\d.]+) ms per step, peak allocated ([\d.]+) GiB$",
+                       read(logs, "final-devdocs-anchor.log"), re.M)
+    steptime = read(logs, "final-devdocs-steptime-fp8.log")
+    arms = {name: (float(ms), float(peak))
+            for name, ms, peak in re.findall(r"^(\S+) +[\d,]+ +([\d.]+) +[\d.]+ +([\d.]+) ", steptime, re.M)}
+    rows = {"anchor: modded-nanoGPT's record of 2025-01-16 on one GPU (`python -m bench.anchor`)":
+            (float(anchor[1]), float(anchor[2])),
+            "softmax": arms["softmax"], "Parallax parameter-matched": arms["parallax-pm"],
+            "Parallax drop-in": arms["parallax"]}
+
+    def ratio(ms, reference):
+        return "1.00" if ms == reference else f"{ms / reference:.3f}"
+
+    readme = read("README.md")
+    for arm, (ms, peak) in rows.items():
+        row = re.search(rf"^\| {re.escape(arm)} \| ([\d.]+) \| \**([\d.]+)\**[^|]*\|([^|]*)\| ([\d.]+) GiB \|",
+                        readme, re.M)
+        assert row, arm
+        assert (float(row[1]), float(row[4])) == (ms, peak), arm
+        assert row[2] == ratio(ms, float(anchor[1])), arm
+        x_softmax = re.match(r"\**([\d.]*)", row[3].strip())[1]
+        assert x_softmax == ("" if arm.startswith("anchor") else ratio(ms, arms["softmax"][0])), arm
