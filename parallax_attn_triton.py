@@ -70,17 +70,23 @@ def _visible(pos, lo, kpos):
 
 
 @triton.jit
-def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh,
-                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query rows: offsets, validity, key bounds, the q row offsets, the offsets of its per-row
-    statistics, its batch row and the column of its KV head in a (B, T, H * D) view."""
+def _query_rows(n_heads, Tq, stride_qb, stride_qt, stride_qh, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's block of query rows of one head: offsets, validity, their offsets in q (and in the
+    tensors laid out like it), the offsets of their per-row statistics, the batch row and the head."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + tl.arange(0, D)[None, :]
+    return offs_m, offs_m < Tq, q_off, pid_bh * Tq + offs_m, b, h
+
+
+@triton.jit
+def _query_block(n_heads, group, Tq, Tk, window, DOC_START, stride_qb, stride_qt, stride_qh,
+                 D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """_query_rows with the rows' key bounds, and the column of their KV head in a (B, T, H * D) view."""
+    offs_m, row_ok, q_off, stat_off, b, h = _query_rows(n_heads, Tq, stride_qb, stride_qt, stride_qh, D, BLOCK_M)
     pos, lo = _row_bounds(offs_m, Tq, Tk, window, DOC_START, VARLEN, WINDOWED)
-    q_off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-    return offs_m, offs_m < Tq, pos, lo, q_off, pid_bh * Tq + offs_m, b, (h // group) * D
+    return offs_m, row_ok, pos, lo, q_off, stat_off, b, (h // group) * D
 
 
 @triton.jit
@@ -176,16 +182,12 @@ def _dqdr_tile(q, r, g, K, V, b, kv_col, start_n, pos, lo, lse, t1, bdot, bc, sc
 def _row_dots_kernel(G, O, O1, BDOT, BC, stride_qb, stride_qt, stride_qh, Tq, n_heads,
                      D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per query row, b = g . o1 (= sum_j p_ij a_ij) and b - c with c = g . o: the backward's row constants."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < Tq
-    off = b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + tl.arange(0, D)[None, :]
+    _, row_ok, off, stat_off, _, _ = _query_rows(n_heads, Tq, stride_qb, stride_qt, stride_qh, D, BLOCK_M)
     g = tl.load(G + off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     bdot = tl.sum(g * tl.load(O1 + off, mask=row_ok[:, None], other=0.0).to(tl.float32), axis=1)
     c = tl.sum(g * tl.load(O + off, mask=row_ok[:, None], other=0.0).to(tl.float32), axis=1)
-    tl.store(BDOT + pid_bh * Tq + offs_m, bdot, mask=row_ok)
-    tl.store(BC + pid_bh * Tq + offs_m, bdot - c, mask=row_ok)
+    tl.store(BDOT + stat_off, bdot, mask=row_ok)
+    tl.store(BC + stat_off, bdot - c, mask=row_ok)
 
 
 @triton.jit
