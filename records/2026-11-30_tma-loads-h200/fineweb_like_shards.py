@@ -11,6 +11,7 @@ import numpy as np
 sys.path.insert(0, os.getcwd())
 from bench.attention import fineweb_like_doc_lens  # noqa: E402
 from data.tokenize_text import write_shard  # noqa: E402
+from gpt2_data import BOS  # noqa: E402
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -18,6 +19,6 @@ rng = np.random.default_rng(0)
 for seed, (name, n) in enumerate((("fwlike_train_000001.bin", 20_000_000), ("fwlike_val_000000.bin", 1_100_000))):
     tokens = rng.integers(0, 50000, n).astype(np.uint16)
     starts = np.cumsum([0] + fineweb_like_doc_lens(n, seed=seed)[:-1])
-    tokens[starts] = 50256  # each document starts with BOS
+    tokens[starts] = BOS  # each document starts with it
     write_shard(os.path.join(out, name), tokens)
     print(name, n, "tokens,", len(starts), "documents, mean", n // len(starts))
