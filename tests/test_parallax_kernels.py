@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
+import parallax_attn_triton
 import parallax_kernels
 from parallax_kernels import dense_visibility, document_ids, flex_block_mask, parallax_attn, parallax_reference
 
@@ -111,6 +112,21 @@ def test_triton_zero_r_is_softmax_cpu(scale):
     want = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)), is_causal=True,
                                           scale=scale)
     assert rel_err(out, want.transpose(1, 2)) < 2e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter case")
+def test_custom_ops_pass_opcheck_cpu():
+    """Both ops' schemas, fake (meta) functions, autograd registration and AOT dispatch, as torch.compile uses
+    them; on packed documents with a window and GQA."""
+    q, r, k, v = make_inputs(1, 30, 30, 2, 1, 64, torch.float16, "cpu")
+    doc_start, doc_end = parallax_attn_triton._document_bounds(torch.tensor([0, 9, 30], dtype=torch.int32), 30)
+    bounds = (doc_start, doc_end, 7, 0.125)
+    forward = torch.library.opcheck(torch.ops.parallax.forward.default, (q, r, k, v, *bounds))
+    q, r, k, v = (x.detach() for x in (q, r, k, v))
+    saved = torch.ops.parallax.forward.default(q, r, k, v, *bounds)
+    backward = torch.library.opcheck(torch.ops.parallax.backward.default,
+                                     (torch.randn_like(q), q, r, k, v, *saved, *bounds))
+    assert set(forward.values()) == set(backward.values()) == {"SUCCESS"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter case")
