@@ -5,7 +5,9 @@ and prints both side by side with the difference, in ms per step.
     python records/2026-11-30_surcharge-by-kernel-h200/surcharge_by_kernel.py SOFTMAX.json[.gz] OTHER.json[.gz]
 
 An exported trace also holds kernels of the profiler's warm-up step (its backward, the end of its forward):
-only the kernels inside the traced steps' spans on the GPU timeline (ProfilerStep#N) count, per step.
+only the kernels launched inside the traced steps (the CPU's ProfilerStep#N spans, matched to each kernel by
+its launch's correlation id) count, per step. The steps' spans on the GPU timeline would miss the optimizer's
+last kernels, which run after them.
 """
 import argparse
 import collections
@@ -28,13 +30,17 @@ def kernel_ms(path):
     """({kernel name: ms per step}, traced steps) of one trace."""
     with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("cat") == "gpu_user_annotation" and e["name"].startswith("ProfilerStep#")]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")]
+    launched_at = {e["args"]["correlation"]: e["ts"] for e in events
+                   if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     total = collections.Counter()
     for e in events:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and any(a <= e["ts"] < b for a, b in spans):
-            total[e["name"]] += e["dur"] / 1000 / len(spans)
-    return total, len(spans)
+        launch = launched_at.get(e.get("args", {}).get("correlation"))
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and launch is not None and \
+                any(start <= launch < end for start, end in steps):
+            total[e["name"]] += e["dur"] / 1000 / len(steps)
+    return total, len(steps)
 
 
 def group(name):
