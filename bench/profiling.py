@@ -49,12 +49,19 @@ def _enclosing(event) -> list:
     return names
 
 
+def _traced_steps(events) -> list:
+    """(start, end) of each step a scheduled profiler traced (its ProfilerStep#N ranges); none without one."""
+    return [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep#")]
+
+
 def profile_summary(events) -> tuple:
     """Sums a profile's events per category: ({category: [device us, host us]}, {category: {name: [device
     us, host us]}}, the same sums per event name within each category). Host time: each CPU event's self
     time (its children's excluded), so nothing is counted twice. Device time: the kernels each CPU event
     launched (the profiler lists them in its .kernels), under the names of that event and its enclosing
-    ranges; the kernels' own device-side events are skipped, as torch's tables skip them."""
+    ranges; the kernels' own device-side events are skipped, as torch's tables skip them. With a schedule,
+    only the events that start inside a traced step count: the profiler's warm-up step leaves some of its
+    kernels in the results too (a record-size step's loss kernel three times for two traced steps)."""
     sums = {name: [0.0, 0.0] for name in CATEGORY_NAMES}
     by_name = {name: {} for name in CATEGORY_NAMES}
 
@@ -63,8 +70,11 @@ def profile_summary(events) -> tuple:
         sums[label][column] += us
         by_name[label].setdefault(name, [0.0, 0.0])[column] += us
 
+    steps = _traced_steps(events)
     for event in events:
         if event.is_async or event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if steps and not any(start <= event.time_range.start < end for start, end in steps):
             continue
         enclosing = _enclosing(event)
         add(event.name, enclosing, 1, event.self_cpu_time_total)

@@ -73,10 +73,24 @@ def test_every_profiled_time_lands_in_one_category(environ):
 
 class FakeEvent:
     """The fields of torch.autograd.profiler_util.FunctionEvent that profile_summary reads."""
-    def __init__(self, name, parent=None, self_us=0.0, kernels=(), device_type=torch.autograd.DeviceType.CPU):
+    def __init__(self, name, parent=None, self_us=0.0, kernels=(), device_type=torch.autograd.DeviceType.CPU,
+                 start=0.0, end=0.0):
         self.name, self.cpu_parent, self.self_cpu_time_total = name, parent, self_us
         self.kernels = [SimpleNamespace(name=k, device=0, duration=us) for k, us in kernels]
         self.device_type, self.is_async = device_type, False
+        self.time_range = SimpleNamespace(start=start, end=end)
+
+
+def test_only_the_traced_steps_count():
+    """With a schedule, the profiler's results also hold ops (and kernels) of its warm-up step: only the events
+    that start inside a ProfilerStep#N range count."""
+    step = FakeEvent("ProfilerStep#1", self_us=1.0, start=100.0, end=200.0)
+    events = [FakeEvent("aten::mm", None, 2.0, [("nvjet_tst", 50.0)], start=90.0, end=95.0),  # the warm-up's
+              step, FakeEvent("aten::mm", step, 3.0, [("nvjet_tst", 70.0)], start=120.0, end=125.0),
+              FakeEvent("aten::mm", None, 4.0, [("nvjet_tst", 90.0)], start=150.0, end=151.0)]  # another thread
+    sums, _ = profiling.profile_summary(events)
+    assert sums["matmuls"] == [160.0, 7.0]
+    assert sum(device for device, _ in sums.values()) == 160.0 and sum(host for _, host in sums.values()) == 8.0
 
 
 def test_kernels_count_under_the_op_that_launched_them():
