@@ -8,7 +8,9 @@ Settings come from the usual environment variables (TRAIN_FILES, SEQ_LEN, NUM_LA
 with two defaults of the bench's own unless set there: MICRO_BATCHES=1 (one rank's share of the 8-GPU
 step) and one window stage, the schedule's last (so each arm compiles one training graph). ATTENTION and
 PARAM_MATCHED are the arms'. The warm-up (compilation) runs outside the timed steps; a step's time is
-the median over the repeats of (CUDA-event time of --steps optimizer steps) / --steps. --profile then
+the median over the repeats of (CUDA-event time of --steps optimizer steps) / --steps; with nvidia-smi, the
+GPU's mean SM clock and power over those steps are printed beside it (a power-capped GPU clocks each arm
+differently). --profile then
 traces a few steps per arm with torch.profiler and sums device (kernel) and host (CPU) time per category.
 At the record size an arm's warm-up compiles for minutes; --arms splits the arms over several calls.
 """
@@ -23,7 +25,7 @@ from dataclasses import replace
 import torch
 
 import train_gpt as tg
-from bench.common import median_ms
+from bench.common import GpuClocks, median_ms
 from bench.profiling import print_profile, profile_summary, step_profiler
 from gpt2_data import check_enough_tokens
 
@@ -63,8 +65,12 @@ def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> d
     warm_up_s, compiled = time.perf_counter() - start, graphs()
 
     print(f"{arm}: timing {args.repeats} x {args.steps} steps", flush=True)
-    ms = median_ms(lambda: [trainer.train_step(next(steps), batches) for _ in range(args.steps)],
-                   repeats=args.repeats, warmup=0) / args.steps
+    with GpuClocks(device) as clocks:
+        ms = median_ms(lambda: [trainer.train_step(next(steps), batches) for _ in range(args.steps)],
+                       repeats=args.repeats, warmup=0) / args.steps
+    if clocks.summary:
+        print(f"{arm}: SM clock {clocks.summary[0]:.0f} MHz, power {clocks.summary[1]:.0f} W "
+              "(nvidia-smi, means over the timed steps)", flush=True)
     if graphs() > compiled:
         print(f"{arm}: warning: {graphs() - compiled} graph(s) compiled during the timed steps; "
               "their compilation is in the time", flush=True)

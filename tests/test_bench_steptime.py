@@ -1,4 +1,7 @@
-"""bench/steptime.py end to end on the CPU (the smoke model on a synthetic shard), and its profile summary."""
+"""bench/steptime.py end to end on the CPU (the smoke model on a synthetic shard), its profile summary, and
+the GPU clock sampling of its timed steps."""
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -6,6 +9,7 @@ import torch
 
 import train_gpt as tg
 from bench import profiling, steptime
+from bench.common import GpuClocks
 from test_loader import write_shard
 from test_train import pattern_corpus
 
@@ -144,3 +148,27 @@ def test_the_profile_lists_each_categorys_largest_kernels(capsys):
 ])
 def test_category_names(name, enclosing, expected):
     assert profiling.category(name, enclosing) == expected
+
+
+def test_gpu_clocks_average_nvidia_smi_samples_of_the_visible_gpu(tmp_path, monkeypatch):
+    """GpuClocks runs nvidia-smi for the device's GPU (CUDA_VISIBLE_DEVICES' entry for its index) while the
+    block runs and averages its samples, skipping unreadable ones; without nvidia-smi, or on the CPU, it
+    gives None and the block runs as usual."""
+    args = tmp_path / "args"
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {args}\nprintf "1815, 676.5\\n1765, 680.1\\n[N/A], 500\\n"\n'
+                    "exec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-8a1f")
+    with GpuClocks(torch.device("cuda", 1)) as clocks:
+        time.sleep(0.5)  # nvidia-smi's first samples
+    assert clocks.summary == pytest.approx((1790.0, 678.3))
+    assert args.read_text().split()[:2] == ["-i", "GPU-8a1f"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with GpuClocks(torch.device("cuda", 0)) as clocks:
+        pass
+    assert clocks.summary is None
+    with GpuClocks(torch.device("cpu")) as clocks:
+        pass
+    assert clocks.summary is None
