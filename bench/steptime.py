@@ -10,8 +10,8 @@ step) and one window stage, the schedule's last (so each arm compiles one traini
 PARAM_MATCHED are the arms'. The warm-up (compilation) runs outside the timed steps; a step's time is
 the median over the repeats of (CUDA-event time of --steps optimizer steps) / --steps; with nvidia-smi, the
 GPU's mean SM clock and power over those steps are printed beside it (a power-capped GPU clocks each arm
-differently). --profile then
-traces a few steps per arm with torch.profiler and sums device (kernel) and host (CPU) time per category.
+differently). --profile then traces a few steps per arm with torch.profiler and sums device (kernel) and
+host (CPU) time per category.
 At the record size an arm's warm-up compiles for minutes; --arms splits the arms over several calls.
 """
 import argparse
