@@ -97,7 +97,7 @@ print(f"ANCHOR ms per step (median of {repeats} x {steps}): {{step_ms[len(step_m
     if profile_steps:  # bench.steptime's categories, so the two tables compare line by line
         code += f"""
 profiler.stop()
-print_profile("anchor", *profile_summary(profiler.events()), {profile_steps}, top=15)
+print_profile("anchor", *profile_summary(profiler.events(), {profile_steps}), {profile_steps}, top=15)
 """
     return code
 

@@ -49,19 +49,22 @@ def _enclosing(event) -> list:
     return names
 
 
-def _traced_steps(events) -> list:
-    """(start, end) of each step a scheduled profiler traced (its ProfilerStep#N ranges); none without one."""
-    return [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep#")]
+def _traced_steps(events, count) -> list:
+    """(start, end) of the last `count` ProfilerStep#N ranges (a scheduled profiler's traced steps, after
+    any of its warm-up); none without a schedule or a count."""
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep#"))
+    return steps[-count:] if count else []
 
 
-def profile_summary(events) -> tuple:
+def profile_summary(events, traced_steps=None) -> tuple:
     """Sums a profile's events per category: ({category: [device us, host us]}, {category: {name: [device
     us, host us]}}, the same sums per event name within each category). Host time: each CPU event's self
     time (its children's excluded), so nothing is counted twice. Device time: the kernels each CPU event
     launched (the profiler lists them in its .kernels), under the names of that event and its enclosing
-    ranges; the kernels' own device-side events are skipped, as torch's tables skip them. With a schedule,
-    only the events that start inside a traced step count: the profiler's warm-up step leaves some of its
-    kernels in the results too (a record-size step's loss kernel three times for two traced steps)."""
+    ranges; the kernels' own device-side events are skipped, as torch's tables skip them. Given the number of
+    traced steps of a scheduled profiler, only the events that start inside them count: the warm-up step
+    leaves some of its kernels in the results too (a record-size step's loss kernel three times for two
+    traced steps)."""
     sums = {name: [0.0, 0.0] for name in CATEGORY_NAMES}
     by_name = {name: {} for name in CATEGORY_NAMES}
 
@@ -70,7 +73,7 @@ def profile_summary(events) -> tuple:
         sums[label][column] += us
         by_name[label].setdefault(name, [0.0, 0.0])[column] += us
 
-    steps = _traced_steps(events)
+    steps = _traced_steps(events, traced_steps)
     for event in events:
         if event.is_async or event.device_type != torch.autograd.DeviceType.CPU:
             continue

@@ -84,7 +84,7 @@ def bench_arm(arm: str, hp: tg.Hyperparameters, device: torch.device, args) -> d
                 trainer.train_step(next(steps), batches)
                 prof.step()
         tg.synchronize(device)
-        print_profile(arm, *profile_summary(prof.events()), args.profile_steps, args.top)
+        print_profile(arm, *profile_summary(prof.events(), args.profile_steps), args.profile_steps, args.top)
         if args.trace:
             stem, ext = os.path.splitext(args.trace)
             path = f"{stem}-{arm}{ext or '.json'}"

@@ -86,15 +86,20 @@ class FakeEvent:
 
 
 def test_only_the_traced_steps_count():
-    """With a schedule, the profiler's results also hold ops (and kernels) of its warm-up step: only the events
-    that start inside a ProfilerStep#N range count."""
+    """A scheduled profiler's results also hold ops (and kernels) of its warm-up step, in a ProfilerStep#N
+    range of its own or before any: given the traced steps' number, only the events that start inside the
+    last that many ProfilerStep ranges count."""
+    warm_up = FakeEvent("ProfilerStep#0", self_us=1.0, start=40.0, end=100.0)
     step = FakeEvent("ProfilerStep#1", self_us=1.0, start=100.0, end=200.0)
-    events = [FakeEvent("aten::mm", None, 2.0, [("nvjet_tst", 50.0)], start=90.0, end=95.0),  # the warm-up's
+    events = [FakeEvent("aten::mm", None, 2.0, [("nvjet_tst", 50.0)], start=20.0, end=25.0),  # before any step
+              warm_up, FakeEvent("aten::mm", warm_up, 5.0, [("nvjet_tst", 30.0)], start=60.0, end=65.0),
               step, FakeEvent("aten::mm", step, 3.0, [("nvjet_tst", 70.0)], start=120.0, end=125.0),
               FakeEvent("aten::mm", None, 4.0, [("nvjet_tst", 90.0)], start=150.0, end=151.0)]  # another thread
-    sums, _ = profiling.profile_summary(events)
+    sums, _ = profiling.profile_summary(events, traced_steps=1)
     assert sums["matmuls"] == [160.0, 7.0]
     assert sum(device for device, _ in sums.values()) == 160.0 and sum(host for _, host in sums.values()) == 8.0
+    everything, _ = profiling.profile_summary(events)  # no count: every event, as without a schedule
+    assert everything["matmuls"] == [240.0, 14.0]
 
 
 def test_kernels_count_under_the_op_that_launched_them():
