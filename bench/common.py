@@ -64,10 +64,10 @@ class GpuClocks:
         samples = []
         for line in out.splitlines():
             try:
-                samples.append([float(field) for field in line.split(",")])
+                mhz, watts = (float(field) for field in line.split(","))
             except ValueError:  # "[N/A]", or a line cut by the termination
                 continue
-        samples = [sample for sample in samples if len(sample) == 2]
+            samples.append((mhz, watts))
         if samples:
             self.summary = tuple(sum(column) / len(samples) for column in zip(*samples))
         return False
