@@ -55,11 +55,13 @@ def run(module, workload):
     (q, r, k, v, g), doc_start, doc_end, window = WORKLOADS[workload]
     scale = D ** -0.5
     # versions with r_scale take it after r (ones: the same results as those without)
-    r = (r, torch.ones(H, device="cuda")) if "r_scale" in inspect.signature(module._forward).parameters else (r,)
-    saved = module._forward(q, *r, k, v, doc_start, window, scale)
-    grads = module._backward(g, q, *r, k, v, *saved, doc_start, doc_end, window, scale)
-    fwd = median_ms(lambda: module._forward(q, *r, k, v, doc_start, window, scale), repeats=40)
-    bwd = median_ms(lambda: module._backward(g, q, *r, k, v, *saved, doc_start, doc_end, window, scale), repeats=40)
+    takes_r_scale = "r_scale" in inspect.signature(module._forward).parameters
+    r_args = (r, torch.ones(H, device="cuda")) if takes_r_scale else (r,)
+    saved = module._forward(q, *r_args, k, v, doc_start, window, scale)
+    grads = module._backward(g, q, *r_args, k, v, *saved, doc_start, doc_end, window, scale)
+    fwd = median_ms(lambda: module._forward(q, *r_args, k, v, doc_start, window, scale), repeats=40)
+    bwd = median_ms(lambda: module._backward(g, q, *r_args, k, v, *saved, doc_start, doc_end, window, scale),
+                    repeats=40)
     return fwd, bwd, [saved[0], *(x for x in grads if x.dim() == 4)]
 
 
