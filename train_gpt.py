@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_inputs import attention_inputs, norm
 from generate import add_sample_arguments, sample_from, synchronize
 from gpt2_data import BOS, TokenStream, check_enough_tokens, shard_files
 from lm_head_fp8 import fp8_lm_head
@@ -256,10 +257,6 @@ def model_config(hp: Hyperparameters) -> GPTConfig:
                      hp.r_gain, hp.r_gain_init, hp.r_norm, hp.r_rotary, hp.lm_head_fp8)
 
 
-def norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
 class CastedLinear(nn.Linear):
     """Bias-free linear layer; its weight (fp32 for the optimizer) is cast to the input's dtype."""
 
@@ -308,12 +305,6 @@ class RotaryTables:
         return cos[positions], sin[positions]
 
 
-def apply_rotary(x: Tensor, rope) -> Tensor:
-    cos, sin = rope
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -324,35 +315,22 @@ class CausalSelfAttention(nn.Module):
         self.k = CastedLinear(config.model_dim, hdim)
         self.v = CastedLinear(config.model_dim, hdim)
         self.r = self.r_gain = None
+        self.r_norm, self.r_rotary = config.r_norm, config.r_rotary
         if config.parallax:
             self.r = CastedLinear(config.model_dim, hdim)
-            self.r_norm, self.r_rotary = config.r_norm, config.r_rotary
             gain_shape = {"head": (config.num_heads, 1), "channel": (config.num_heads, config.head_dim)}
             if config.r_gain in gain_shape:
                 self.r_gain = nn.Parameter(torch.full(gain_shape[config.r_gain], config.r_gain_init))
         self.c_proj = CastedLinear(hdim, config.model_dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
 
-    def probe(self, r: Tensor, rope) -> Tensor:
-        """Parallax's r from its projection: u = r.k is not scaled, so r's size sets how far the output moves
-        from softmax's."""
-        if self.r_norm:
-            r = norm(r)
-        if self.r_rotary:
-            r = apply_rotary(r, rope)
-        return r if self.r_gain is None else self.r_gain.type_as(r) * r
-
     def forward(self, x: Tensor, ve: Tensor | None, rope, attend) -> Tensor:
         B, T, _ = x.shape
         # q, k, v (and r) in one matmul; their weights stay separate matrices for Muon
         projections = [self.q, self.k, self.v] + ([self.r] if self.r is not None else [])
         weights = torch.cat([p.weight for p in projections]).type_as(x)
-        q, k, v, *r = F.linear(x, weights).view(B, T, len(projections), self.num_heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(norm(q), rope), apply_rotary(norm(k), rope)
-        r = self.probe(r[0], rope) if r else None
-        v = self.lambdas[0] * v
-        if ve is not None:
-            v = v + self.lambdas[1] * ve.view(v.shape)
+        qkvr = F.linear(x, weights).view(B, T, len(projections), self.num_heads, self.head_dim)
+        q, k, v, r = attention_inputs(qkvr, rope, self.lambdas, ve, self.r_gain, self.r_norm, self.r_rotary)
         y = attend(self.layer_idx, q, r, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -570,8 +548,9 @@ def begin_run(hp: Hyperparameters, rank: int, world_size: int) -> tuple:
 
 
 # The code a training run executes: this file and the project modules it trains with.
-LOGGED_SOURCES = ("train_gpt.py", "gpt2_data.py", "parallax_kernels.py", "parallax_attn_triton.py",
-                  "parallax_reference.py", "muon.py", "safeguards.py", "generate.py", "lm_head_fp8.py")
+LOGGED_SOURCES = ("train_gpt.py", "attention_inputs.py", "gpt2_data.py", "parallax_kernels.py",
+                  "parallax_attn_triton.py", "parallax_reference.py", "muon.py", "safeguards.py", "generate.py",
+                  "lm_head_fp8.py")
 
 
 def open_run_log(hp: Hyperparameters, resumed: dict | None, master: bool) -> RunLog:

@@ -18,6 +18,7 @@ CATEGORIES = [
     ("matmuls", r"gemm|nvjet|cutlass|cublas|xmma|aten::(mm|bmm|addmm|matmul|linear)$|(^|_)b?mm(_|$)|"
                 r"\b(add)?b?mmbackward", None),
     ("norms/rotary/elementwise", r"norm|rsqrt|rotary|elementwise|reduce_kernel|^triton_(poi|red|per)_|^cpp_fused|"
+                                 r"^_inputs_(forward|backward)_kernel$|^gpt::attention_inputs|"
                                  r"aten::(add|sub|mul|div|pow|mean|sum|cat|copy_|_to_copy|to|neg|exp|relu|"
                                  r"square|sqrt|clamp|where|fill_|zero_|lerp_?|add_|mul_|div_)$", None),
 ]

@@ -149,6 +149,7 @@ def test_the_profile_lists_each_categorys_largest_kernels(capsys):
     ("triton_per_fused__log_softmax_tanh_0", [], "loss over the logits"),
     ("triton_red_fused__log_softmax_div_mul_sigmoid_0", [], "loss over the logits"),
     ("triton_red_fused__to_copy_mean_pow_rsqrt_1", [], "norms/rotary/elementwise"),
+    ("_inputs_backward_kernel", [], "norms/rotary/elementwise"),  # attention_inputs.py's, not the attention's
     ("ncclDevKernel_AllReduce_Sum_f32", [], "other"),
 ])
 def test_category_names(name, enclosing, expected):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import attention_inputs
 import train_gpt as tg
 from gpt2_data import GPT2_VOCAB
 from records.compare import parse_log
@@ -129,13 +130,20 @@ def test_zero_r_gain_starts_parallax_as_softmax(r_gain):
 
 
 def test_r_gain_shapes_and_the_probe_settings():
-    config = tiny_config("parallax", r_gain="channel", r_gain_init=0.25, r_norm=False, r_rotary=False)
+    config = tiny_config("parallax", r_gain="channel", r_gain_init=0.25, r_norm=True, r_rotary=False)
     attn = tg.GPT(config).blocks[0].attn
     assert attn.r_gain.shape == (config.num_heads, config.head_dim) and torch.all(attn.r_gain == 0.25)
     x = torch.randn(1, 5, config.model_dim)
     shape = (1, 5, config.num_heads, config.head_dim)
     rope = tg.RotaryTables(config.head_dim).prefix(5, torch.device("cpu"))
-    torch.testing.assert_close(attn.probe(attn.r(x).view(shape), rope), 0.25 * attn.r(x).view(shape))
+    attended = {}
+
+    def attend(layer, q, r, k, v):  # what the layer hands the attention
+        attended["r"] = r
+        return q
+
+    attn(x, None, rope, attend)
+    torch.testing.assert_close(attended["r"], 0.25 * tg.norm(attn.r(x).view(shape)))
     assert tg.GPT(tiny_config("parallax", r_gain="none")).blocks[0].attn.r_gain is None  # the authors' r
     default = tg.GPT(tiny_config("parallax")).blocks[0].attn.r_gain  # the study's winner: per head, from 0
     assert default.shape == (config.num_heads, 1) and torch.all(default == 0)

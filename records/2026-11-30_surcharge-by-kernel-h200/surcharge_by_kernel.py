@@ -20,7 +20,7 @@ GROUPS = [  # first match wins
     ("attention forward", r"^_fwd_kernel|flex_attention"),
     ("loss over the logits", r"log_softmax|nll_loss"),
     ("matmuls", r"nvjet|gemm|cutlass|splitKreduce"),
-    ("q, k (r) norm + rotary", r"rms_norm.*(cat|split)"),
+    ("q, k (r) norm + rotary", r"rms_norm.*(cat|split)|^_inputs_(forward|backward)_kernel$"),
     ("optimizer updates, copies", r"multi_tensor|Memcpy|Memset|direct_copy|bfloat16_copy"),
     ("other element-wise", r""),
 ]
