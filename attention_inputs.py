@@ -174,9 +174,9 @@ def _block(COS, SIN, T, n_heads, stride_xb, stride_xt, D: tl.constexpr, BLOCK_T:
 
 @triton.jit
 def _inputs_forward_kernel(X, COS, SIN, V_MIX, VE, R_GAIN, Q, K, V, R,
-                    stride_xb, stride_xt, stride_xp, stride_gh, stride_gd, T, n_heads, eps,
-                    D: tl.constexpr, HAS_VE: tl.constexpr, HAS_R: tl.constexpr, HAS_GAIN: tl.constexpr,
-                    R_NORM: tl.constexpr, R_ROTARY: tl.constexpr, BLOCK_T: tl.constexpr):
+                           stride_xb, stride_xt, stride_xp, stride_gh, stride_gd, T, n_heads, eps,
+                           D: tl.constexpr, HAS_VE: tl.constexpr, HAS_R: tl.constexpr, HAS_GAIN: tl.constexpr,
+                           R_NORM: tl.constexpr, R_ROTARY: tl.constexpr, BLOCK_T: tl.constexpr):
     HALF: tl.constexpr = D // 2
     ok, x_offs, out_offs, cos, sin, _, h = _block(COS, SIN, T, n_heads, stride_xb, stride_xt, D, BLOCK_T)
     dtype = Q.dtype.element_ty
@@ -209,9 +209,9 @@ def _inputs_forward_kernel(X, COS, SIN, V_MIX, VE, R_GAIN, Q, K, V, R,
 
 @triton.jit
 def _inputs_backward_kernel(GQ, GK, GV, GR, X, COS, SIN, V_MIX, VE, R_GAIN, DX, DVE, MIX_PARTS, GAIN_PARTS,
-                     stride_xb, stride_xt, stride_xp, stride_gh, stride_gd, T, n_heads, eps,
-                     D: tl.constexpr, HAS_VE: tl.constexpr, HAS_R: tl.constexpr, HAS_GAIN: tl.constexpr,
-                     R_NORM: tl.constexpr, R_ROTARY: tl.constexpr, BLOCK_T: tl.constexpr):
+                            stride_xb, stride_xt, stride_xp, stride_gh, stride_gd, T, n_heads, eps,
+                            D: tl.constexpr, HAS_VE: tl.constexpr, HAS_R: tl.constexpr, HAS_GAIN: tl.constexpr,
+                            R_NORM: tl.constexpr, R_ROTARY: tl.constexpr, BLOCK_T: tl.constexpr):
     """dqkvr (qkvr's layout), dve, and per program the sums the mix and gain gradients add up (MIX_PARTS:
     2 per program; GAIN_PARTS: D per program, this program's head's channels)."""
     HALF: tl.constexpr = D // 2
@@ -321,7 +321,7 @@ def _backward_op(grads: list[Tensor], qkvr: Tensor, cos: Tensor, sin: Tensor, v_
 
 @_backward_op.register_fake
 def _(grads, qkvr, cos, sin, v_mix, ve, r_gain, r_norm, r_rotary):
-    dve = torch.empty_like(ve) if ve is not None else qkvr.new_empty(0)
+    dve = torch.empty_like(ve, memory_format=torch.contiguous_format) if ve is not None else qkvr.new_empty(0)
     dgain = torch.empty_like(r_gain) if r_gain is not None else qkvr.new_empty(0, dtype=torch.float32)
     return [torch.empty_like(qkvr, memory_format=torch.contiguous_format), torch.empty_like(v_mix), dve, dgain]
 
@@ -337,8 +337,8 @@ def _backward_rule(ctx, grads):
     B, T, P, H, D = qkvr.shape
     grads = [qkvr.new_zeros(B, T, H, D) if g is None else g for g in grads]  # an output the loss did not use
     dqkvr, dv_mix, dve, dgain = _backward_op(grads, qkvr, cos, sin, v_mix, ve, r_gain, *ctx.flags)
-    return dqkvr, None, None, dv_mix, dve if ve is not None else None, dgain if r_gain is not None else None, \
-        None, None
+    return (dqkvr, None, None, dv_mix, dve if ve is not None else None, dgain if r_gain is not None else None,
+            None, None)
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)

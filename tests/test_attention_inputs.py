@@ -65,8 +65,8 @@ def test_kernels_match_torch_cpu(case):
 
 @interpreter
 def test_q_k_r_round_where_the_torch_code_rounds():
-    """Rounded to fp16 after the norm and after rotary (before r's gain), as the torch code is: q, k and r agree with it to the
-    last bit but for rare one-ulp flips (its fp32 sums run in another order)."""
+    """Rounded to fp16 after the norm and after rotary (before r's gain), as the torch code is: q, k and r
+    agree with it to the last bit but for rare one-ulp flips (its fp32 sums run in another order)."""
     qkvr, ve, v_mix, r_gain, rope = make_inputs(2, 64, 4, 3, 32, True, "head", torch.float16, "cpu")
     kernels = ai.attention_inputs_triton(qkvr, rope, v_mix, ve, r_gain)
     torch_code = ai.attention_inputs_reference(qkvr, rope, v_mix, ve, r_gain)
