@@ -107,6 +107,18 @@ def _store_halves(ptr, offs, ok, lo, hi, HALF: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """x rounded to dtype where the torch code rounds, kept in fp32 for what follows."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _mix_weight(V_MIX, i, dtype: tl.constexpr):
+    """v_mix[i], rounded to v's dtype as torch's product of a 0-dim fp32 tensor and a half tensor rounds it."""
+    return _rounded(tl.load(V_MIX + i), dtype)
+
+
+@triton.jit
 def _rms_scale(lo, hi, eps, D: tl.constexpr):
     """Per row, 1 / sqrt(mean of squares + eps)."""
     return tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / D + eps)
@@ -124,10 +136,10 @@ def _norm_rotary(lo, hi, cos, sin, eps, dtype: tl.constexpr, D: tl.constexpr, NO
     lo, hi = lo.to(tl.float32), hi.to(tl.float32)
     if NORM:
         rstd = _rms_scale(lo, hi, eps, D)[:, None]
-        lo, hi = (lo * rstd).to(dtype).to(tl.float32), (hi * rstd).to(dtype).to(tl.float32)
+        lo, hi = _rounded(lo * rstd, dtype), _rounded(hi * rstd, dtype)
     if ROTARY:
         lo, hi = _rotate(lo, hi, cos, sin)
-    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
+    return _rounded(lo, dtype), _rounded(hi, dtype)
 
 
 @triton.jit
@@ -151,7 +163,7 @@ def _gain_halves(R_GAIN, h, stride_gh, stride_gd, dtype: tl.constexpr, HALF: tl.
     """Head h's gain over the two halves (stride_gd 0: one gain per head), rounded to dtype as torch's
     gain.type_as(r) is."""
     gain = R_GAIN + h * stride_gh + tl.arange(0, HALF)[None, :] * stride_gd
-    return tl.load(gain).to(dtype).to(tl.float32), tl.load(gain + HALF * stride_gd).to(dtype).to(tl.float32)
+    return _rounded(tl.load(gain), dtype), _rounded(tl.load(gain + HALF * stride_gd), dtype)
 
 
 @triton.jit
@@ -192,11 +204,11 @@ def _inputs_forward_kernel(X, COS, SIN, V_MIX, VE, R_GAIN, Q, K, V, R,
     _store_halves(Q, out_offs, ok, q_lo, q_hi, HALF)
     k_lo, k_hi = _norm_rotary(k_lo, k_hi, cos, sin, eps, dtype, D, True, True)
     _store_halves(K, out_offs, ok, k_lo, k_hi, HALF)
-    # v = v_mix[0] v + v_mix[1] ve, each mix weight rounded to v's dtype as torch's scalar product does
-    mix_v = tl.load(V_MIX).to(dtype).to(tl.float32)
+    # v = v_mix[0] v + v_mix[1] ve
+    mix_v = _mix_weight(V_MIX, 0, dtype)
     v_lo, v_hi = mix_v * v_lo.to(tl.float32), mix_v * v_hi.to(tl.float32)
     if HAS_VE:
-        mix_ve = tl.load(V_MIX + 1).to(dtype).to(tl.float32)
+        mix_ve = _mix_weight(V_MIX, 1, dtype)
         v_lo, v_hi = v_lo + mix_ve * ve_lo.to(tl.float32), v_hi + mix_ve * ve_hi.to(tl.float32)
     _store_halves(V, out_offs, ok, v_lo, v_hi, HALF)
     if HAS_R:
@@ -236,11 +248,11 @@ def _inputs_backward_kernel(GQ, GK, GV, GR, X, COS, SIN, V_MIX, VE, R_GAIN, DX, 
                                      True, True)
     _store_halves(DX + stride_xp, x_offs, ok, gk_lo, gk_hi, HALF)
     gv_lo, gv_hi = gv_lo.to(tl.float32), gv_hi.to(tl.float32)
-    mix_v = tl.load(V_MIX).to(dtype).to(tl.float32)
+    mix_v = _mix_weight(V_MIX, 0, dtype)
     _store_halves(DX + 2 * stride_xp, x_offs, ok, mix_v * gv_lo, mix_v * gv_hi, HALF)
     tl.store(MIX_PARTS + 2 * program, tl.sum(gv_lo * v_lo.to(tl.float32) + gv_hi * v_hi.to(tl.float32)))
     if HAS_VE:
-        mix_ve = tl.load(V_MIX + 1).to(dtype).to(tl.float32)
+        mix_ve = _mix_weight(V_MIX, 1, dtype)
         _store_halves(DVE, out_offs, ok, mix_ve * gv_lo, mix_ve * gv_hi, HALF)
         tl.store(MIX_PARTS + 2 * program + 1, tl.sum(gv_lo * ve_lo.to(tl.float32) + gv_hi * ve_hi.to(tl.float32)))
     if HAS_R:
@@ -281,12 +293,12 @@ def _kernel_layout(*tensors):
 @torch.library.custom_op("gpt::attention_inputs", mutates_args=())
 def _forward_op(qkvr: Tensor, cos: Tensor, sin: Tensor, v_mix: Tensor, ve: Tensor | None, r_gain: Tensor | None,
                 r_norm: bool, r_rotary: bool) -> list[Tensor]:
-    qkvr, ve = _kernel_layout(qkvr, ve)
+    qkvr, ve, cos, sin = _kernel_layout(qkvr, ve, cos, sin)
     B, T, P, H, D = qkvr.shape
     outputs = [qkvr.new_empty(B, T, H, D) for _ in range(P)]
     grid, args = _launch(qkvr, r_gain, r_norm, r_rotary, ve is not None)
     q, k, v, r = outputs + outputs[:1] * (4 - P)  # without r, its pointer is never written
-    _inputs_forward_kernel[grid](qkvr, cos.contiguous(), sin.contiguous(), v_mix, ve, r_gain, q, k, v, r, **args)
+    _inputs_forward_kernel[grid](qkvr, cos, sin, v_mix, ve, r_gain, q, k, v, r, **args)
     return outputs
 
 
@@ -300,7 +312,7 @@ def _(qkvr, cos, sin, v_mix, ve, r_gain, r_norm, r_rotary):
 def _backward_op(grads: list[Tensor], qkvr: Tensor, cos: Tensor, sin: Tensor, v_mix: Tensor, ve: Tensor | None,
                  r_gain: Tensor | None, r_norm: bool, r_rotary: bool) -> list[Tensor]:
     """[dqkvr, dv_mix, dve (empty without ve), dr_gain (empty without a gain)]."""
-    qkvr, ve, *grads = _kernel_layout(qkvr, ve, *grads)
+    qkvr, ve, cos, sin, *grads = _kernel_layout(qkvr, ve, cos, sin, *grads)
     B, T, P, H, D = qkvr.shape
     dqkvr = torch.empty_like(qkvr)
     dve = torch.empty_like(ve) if ve is not None else qkvr.new_empty(0)
@@ -309,8 +321,8 @@ def _backward_op(grads: list[Tensor], qkvr: Tensor, cos: Tensor, sin: Tensor, v_
     mix_parts = torch.zeros(programs, 2, device=qkvr.device, dtype=torch.float32)
     gain_parts = torch.empty(programs, D if r_gain is not None else 0, device=qkvr.device, dtype=torch.float32)
     gq, gk, gv, gr = grads + grads[:1] * (4 - P)
-    _inputs_backward_kernel[grid](gq, gk, gv, gr, qkvr, cos.contiguous(), sin.contiguous(), v_mix, ve, r_gain,
-                                  dqkvr, dve, mix_parts, gain_parts, **args)
+    _inputs_backward_kernel[grid](gq, gk, gv, gr, qkvr, cos, sin, v_mix, ve, r_gain, dqkvr, dve, mix_parts, gain_parts,
+                                  **args)
     dgain = qkvr.new_empty(0, dtype=torch.float32)
     if r_gain is not None:
         # program index = position block * (B * H) + b * H + h: sum over blocks and batch rows
