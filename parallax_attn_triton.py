@@ -20,11 +20,11 @@ from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, d
 # Both bounds grow with i, so a block's key range is [lo of its first row, pos of its last row].
 #
 # The backward needs, per query row, b_i = g_i . o1_i with o1 = softmax attention's output, and c_i = g_i . o_i:
-# the forward saves o1 (normalized, in q's dtype: one more (B, T, H, D) tensor per call), a small kernel
-# computes b and b - c first, and then the dQ kernel sweeps the keys once, for dQ and dR, and the dK/dV kernel
-# the queries once. Computed inside the dQ kernel, they held three more (BLOCK_M, D) tensors beside its two
-# accumulators, and it spilled registers; moving them out and regrouping the element-wise gradients
-# (_score_grads) made the backward 11-12% faster (H200, T=65536 packed documents).
+# the forward saves o1 (normalized, in q's dtype: one more (B, T, H, D) tensor per call). The dQ kernel takes b
+# and b - c from its g, o and o1 tiles before it sweeps the keys once, for dQ and dR, and stores them for the
+# dK/dV kernel, which sweeps the queries once. (A separate kernel for them read g a second time; with the tiles
+# arriving through TMA, doing it in the dQ kernel made the step 0.5-1.1 ms faster at FineWeb-like document
+# lengths and no slower on longer ones: records/2026-11-30_row-dots-in-dq-h200.)
 #
 # The tiles each inner loop streams (K/V over keys, Q/R/G over queries) arrive through tensor descriptors:
 # TMA copies on Hopper, which zero-fill rows past the end as masked loads would, with no address
@@ -40,9 +40,6 @@ LOG2E = 1.4426950408889634
 # kernel (README). Fixed rather than autotuned, so a new shape costs only compilation. The interpreter runs
 # one small tile so the CPU tests exercise multi-block paths quickly.
 _TILES = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2)}
-
-
-_ROW_BLOCK = 16 if INTERPRET else 64  # query rows per program of _row_dots_kernel
 
 
 def _tile(kernel):
@@ -179,19 +176,16 @@ def _dqdr_tile(q, r, g, K, V, b, kv_col, start_n, pos, lo, lse, t1, bdot, bc, sc
 
 
 @triton.jit
-def _row_dots_kernel(G, O, O1, BDOT, BC, stride_qb, stride_qt, stride_qh, Tq, n_heads,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_dots(g, O, O1, off, row_ok):
     """Per query row, b = g . o1 (= sum_j p_ij a_ij) and b - c with c = g . o: the backward's row constants."""
-    _, row_ok, off, stat_off, _, _ = _query_rows(n_heads, Tq, stride_qb, stride_qt, stride_qh, D, BLOCK_M)
-    g = tl.load(G + off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    g = g.to(tl.float32)
     bdot = tl.sum(g * tl.load(O1 + off, mask=row_ok[:, None], other=0.0).to(tl.float32), axis=1)
     c = tl.sum(g * tl.load(O + off, mask=row_ok[:, None], other=0.0).to(tl.float32), axis=1)
-    tl.store(BDOT + stat_off, bdot, mask=row_ok)
-    tl.store(BC + stat_off, bdot - c, mask=row_ok)
+    return bdot, bdot - c
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, R, K, V, G, LSE, TMEAN, BDOT, BC, DOC_START, DQ, DR,
+def _bwd_dq_kernel(Q, R, K, V, G, O, O1, LSE, TMEAN, BDOT, BC, DOC_START, DQ, DR,
                    stride_qb, stride_qt, stride_qh,
                    Tq, Tk, n_heads, group, window, scale_log2, scale,
                    D: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
@@ -204,8 +198,9 @@ def _bwd_dq_kernel(Q, R, K, V, G, LSE, TMEAN, BDOT, BC, DOC_START, DQ, DR,
     g = tl.load(G + q_off, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + stat_off, mask=row_ok, other=0.0)
     t1 = 1.0 + tl.load(TMEAN + stat_off, mask=row_ok, other=0.0)
-    bdot = tl.load(BDOT + stat_off, mask=row_ok, other=0.0)
-    bc = tl.load(BC + stat_off, mask=row_ok, other=0.0)
+    bdot, bc = _row_dots(g, O, O1, q_off, row_ok)
+    tl.store(BDOT + stat_off, bdot, mask=row_ok)
+    tl.store(BC + stat_off, bc, mask=row_ok)
     k_start, k_end = tl.min(lo, axis=0) // BLOCK_N * BLOCK_N, tl.max(pos, axis=0) + 1
 
     # One sweep over the keys for dQ and dR.
@@ -335,12 +330,10 @@ def _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window,
     bdot, b_minus_c = torch.empty_like(lse), torch.empty_like(lse)
     varlen = doc_start is not None
     common = dict(scale_log2=scale * LOG2E, scale=scale, VARLEN=varlen, **_launch_args(q, k, window))
-    _row_dots_kernel[(triton.cdiv(Tq, _ROW_BLOCK), B * Hq)](
-        g, o, softmax_out, bdot, b_minus_c, **_strides("q", q), Tq=Tq, n_heads=Hq, D=D, BLOCK_M=_ROW_BLOCK)
     tile = _tile("dq")
     k_tiles, v_tiles = _tile_descriptors(tile["BLOCK_N"], k, v)
     _bwd_dq_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), B * Hq)](
-        q, r, k_tiles, v_tiles, g, lse, t, bdot, b_minus_c, doc_start if varlen else lse, dq, dr,
+        q, r, k_tiles, v_tiles, g, o, softmax_out, lse, t, bdot, b_minus_c, doc_start if varlen else lse, dq, dr,
         **_strides("q", q), **common, **tile)
     tile = _tile("dkdv")
     q_tiles, r_tiles, g_tiles = _tile_descriptors(tile["BLOCK_M"], q, r, g)
