@@ -24,7 +24,7 @@ from parallax_reference import HALF_DTYPES, SUPPORTED_HEAD_DIMS, check_shapes, d
 # and b - c from its g, o and o1 tiles before it sweeps the keys once, for dQ and dR, and stores them for the
 # dK/dV kernel, which sweeps the queries once. (A separate kernel for them read g a second time; with the tiles
 # arriving through TMA, doing it in the dQ kernel made the step 0.5-1.1 ms faster at FineWeb-like document
-# lengths and no slower on longer ones: records/2026-11-30_row-dots-in-dq-h200.)
+# lengths and no different at devdocs' longer ones: records/2026-11-30_row-dots-in-dq-h200.)
 #
 # The tiles each inner loop streams (K/V over keys, Q/R/G over queries) arrive through tensor descriptors:
 # TMA copies on Hopper, which zero-fill rows past the end as masked loads would, with no address
@@ -323,7 +323,7 @@ def _forward(q, r, k, v, doc_start, window, scale):
 
 
 def _backward(g, q, r, k, v, o, softmax_out, lse, t, doc_start, doc_end, window, scale):
-    B, Tq, Hq, D = q.shape
+    B, Tq, Hq, _ = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     dq, dr = torch.empty_like(q), torch.empty_like(r)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
