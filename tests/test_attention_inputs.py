@@ -8,6 +8,7 @@ import torch
 
 import attention_inputs as ai
 import train_gpt as tg
+from test_parallax_kernels import rel_err
 from test_train import randomized, tiny_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -17,11 +18,6 @@ interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpre
 # probe, and the R_* settings the study compared
 CASES = [(3, True, None, True, True), (4, True, "head", True, True), (4, False, "channel", True, True),
          (4, True, None, False, True), (4, False, "head", True, False), (4, True, "channel", False, False)]
-
-
-def rel_err(x, ref):
-    assert torch.isfinite(x).all(), "non-finite values"
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_inputs(B, T, P, H, D, has_ve, gain, dtype, device):
